@@ -1,0 +1,199 @@
+//! Configuration: flags or environment variables (flags win), checked in
+//! full before anything binds or connects.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::MIN_SECRET_BYTES;
+use crate::domain::{AttributeRules, Threshold};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cohort",
+    version,
+    about = "Places every new user into a group of people like them."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings for the default command (serve).
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (applies pending migrations first).
+    Serve {
+        /// Do not apply migrations at start-up.
+        #[arg(long)]
+        no_migrate: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Apply pending migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Rebuild the shared group index from the system of record, then exit.
+    Reindex {
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Compare the group index with the system of record; exit 0 when they agree.
+    Verify {
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "COHORT_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Postgres URL: the system of record (distributed mode).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Redis URL: the group index shared by all replicas (distributed mode).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key this deployment owns.
+    #[arg(long, env = "COHORT_REDIS_PREFIX", default_value = "cohort:")]
+    pub redis_prefix: String,
+    /// Where the embedded mode keeps its data.
+    #[arg(long, env = "COHORT_DATA_DIR", default_value = "./cohort-data")]
+    pub data_dir: PathBuf,
+    /// HMAC secret for access tokens, at least 32 bytes (required in distributed mode).
+    #[arg(long, env = "COHORT_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Access-token lifetime in seconds.
+    #[arg(long, env = "COHORT_TOKEN_TTL", default_value_t = 3600)]
+    pub token_ttl: u64,
+    /// Minimum number of shared attributes to join a group.
+    #[arg(long, env = "COHORT_MATCH_THRESHOLD", default_value_t = 3)]
+    pub match_threshold: usize,
+    /// Most attributes a user may give.
+    #[arg(long, env = "COHORT_MAX_ATTRIBUTES", default_value_t = 16)]
+    pub max_attributes: usize,
+    /// A separate address for /metrics (default: served on the API listener).
+    #[arg(long, env = "COHORT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds to finish requests in flight after SIGTERM.
+    #[arg(long, env = "COHORT_SHUTDOWN_TIMEOUT", default_value_t = 20)]
+    pub shutdown_timeout: u64,
+    /// Postgres connections per replica.
+    #[arg(long, env = "COHORT_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+    /// Minimum number of Redis index buckets (more are used when the
+    /// population at rebuild time needs them).
+    #[arg(long, env = "COHORT_INDEX_BUCKETS", default_value_t = 65_536)]
+    pub index_buckets: u32,
+    /// Password hashes computed at once (default: the number of CPUs).
+    #[arg(long, env = "COHORT_HASH_CONCURRENCY")]
+    pub hash_concurrency: Option<usize>,
+    /// Failed sign-ins per account before 429, per 15-minute window.
+    #[arg(long, env = "COHORT_SIGNIN_MAX_FAILURES", default_value_t = 10)]
+    pub signin_max_failures: u32,
+    /// Signups per client address per minute (0: no limit). Behind a load
+    /// balancer every client shares its address: set it on the balancer there.
+    #[arg(long, env = "COHORT_SIGNUP_RATE_LIMIT", default_value_t = 0)]
+    pub signup_rate_limit: u32,
+    /// HTTP worker threads (default: one per CPU).
+    #[arg(long, env = "COHORT_WORKERS")]
+    pub workers: Option<usize>,
+    /// Log format: json or pretty.
+    #[arg(long, env = "COHORT_LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+}
+
+/// Which backing services to use, decided by what is configured.
+#[derive(Clone)]
+pub enum Mode {
+    Distributed {
+        database_url: String,
+        redis_url: String,
+        jwt_secret: Vec<u8>,
+    },
+    Embedded {
+        data_dir: PathBuf,
+    },
+}
+
+impl std::fmt::Debug for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print URLs (they carry passwords) or the secret.
+        match self {
+            Mode::Distributed { .. } => f.write_str("Distributed"),
+            Mode::Embedded { data_dir } => write!(f, "Embedded({})", data_dir.display()),
+        }
+    }
+}
+
+/// Settings checked as a whole.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub settings: Settings,
+    pub mode: Mode,
+    pub threshold: Threshold,
+    pub rules: AttributeRules,
+}
+
+impl Settings {
+    pub fn validate(self) -> Result<Config, String> {
+        let threshold = Threshold::new(self.match_threshold, self.max_attributes)?;
+        let rules = AttributeRules {
+            min: self.match_threshold,
+            max: self.max_attributes,
+        };
+        if self.token_ttl == 0 {
+            return Err("COHORT_TOKEN_TTL must be at least 1 second".into());
+        }
+        if self.db_pool_size == 0 {
+            return Err("COHORT_DB_POOL_SIZE must be at least 1".into());
+        }
+        if !matches!(self.log_format.as_str(), "json" | "pretty") {
+            return Err("COHORT_LOG_FORMAT must be json or pretty".into());
+        }
+        let mode = match (&self.database_url, &self.redis_url) {
+            (Some(db), Some(redis)) => {
+                let secret = self.jwt_secret.clone().ok_or_else(|| {
+                    "COHORT_JWT_SECRET is required when DATABASE_URL is set (at least 32 random bytes)".to_string()
+                })?;
+                if secret.len() < MIN_SECRET_BYTES {
+                    return Err(format!(
+                        "COHORT_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes (got {})",
+                        secret.len()
+                    ));
+                }
+                Mode::Distributed {
+                    database_url: db.clone(),
+                    redis_url: redis.clone(),
+                    jwt_secret: secret.into_bytes(),
+                }
+            }
+            (None, None) => Mode::Embedded {
+                data_dir: self.data_dir.clone(),
+            },
+            (Some(_), None) => {
+                return Err("DATABASE_URL is set but REDIS_URL is not: distributed mode needs both \
+                     (Postgres holds the data, Redis the shared group index); unset both for embedded mode"
+                    .into())
+            }
+            (None, Some(_)) => {
+                return Err("REDIS_URL is set but DATABASE_URL is not: distributed mode needs both \
+                     (Postgres holds the data, Redis the shared group index); unset both for embedded mode"
+                    .into())
+            }
+        };
+        Ok(Config {
+            settings: self,
+            mode,
+            threshold,
+            rules,
+        })
+    }
+}

@@ -1,0 +1,78 @@
+//! The HTTP API: routes, problem+json errors, extractors and middleware.
+
+mod auth;
+mod middleware;
+pub mod openapi;
+pub mod problem;
+mod routes;
+
+use actix_web::error::{JsonPayloadError, QueryPayloadError};
+use actix_web::middleware::DefaultHeaders;
+use actix_web::{HttpRequest, web};
+
+use crate::error::AppError;
+
+/// The contract's body limit.
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+    let app = match &err {
+        JsonPayloadError::ContentType => AppError::UnsupportedMediaType,
+        JsonPayloadError::OverflowKnownLength { .. } | JsonPayloadError::Overflow { .. } => {
+            AppError::PayloadTooLarge(BODY_LIMIT)
+        }
+        JsonPayloadError::Deserialize(e) if e.is_data() => {
+            AppError::Validation(vec![crate::domain::FieldError::new("body", e.to_string())])
+        }
+        other => AppError::BadRequest(format!("malformed JSON body: {other}")),
+    };
+    app.into()
+}
+
+fn query_error(err: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
+    AppError::BadRequest(format!("invalid query string: {err}")).into()
+}
+
+/// Security headers every JSON API response carries.
+pub fn security_headers() -> DefaultHeaders {
+    DefaultHeaders::new()
+        .add(("Cache-Control", "no-store"))
+        .add(("X-Content-Type-Options", "nosniff"))
+        .add(("X-Frame-Options", "DENY"))
+        .add(("Content-Security-Policy", "frame-ancestors 'none'"))
+}
+
+/// Registers the API. `with_metrics` adds `/metrics` here (when it has no
+/// listener of its own).
+pub fn api(cfg: &mut web::ServiceConfig, with_metrics: bool) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(BODY_LIMIT)
+            .content_type_required(true)
+            .error_handler(json_error),
+    )
+    .app_data(web::PayloadConfig::default().limit(BODY_LIMIT))
+    .app_data(web::QueryConfig::default().error_handler(query_error))
+    .service(resource("/v1/signup").route(web::post().to(routes::signup)))
+    .service(resource("/v1/signin").route(web::post().to(routes::signin)))
+    .service(resource("/v1/me").route(web::get().to(routes::me)))
+    .service(resource("/v1/me/group").route(web::get().to(routes::my_group)))
+    .service(resource("/healthz").route(web::get().to(routes::healthz)))
+    .service(resource("/readyz").route(web::get().to(routes::readyz)))
+    .service(resource("/openapi.json").route(web::get().to(routes::openapi)));
+    if with_metrics {
+        metrics(cfg);
+    }
+    cfg.default_service(web::to(routes::not_found));
+}
+
+/// `/metrics` alone, for its own listener.
+pub fn metrics(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/metrics").route(web::get().to(routes::metrics)));
+}
+
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(routes::method_not_allowed))
+}
+
+pub use middleware::{record_metrics, request_id_header};

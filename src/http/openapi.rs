@@ -1,0 +1,44 @@
+//! The OpenAPI description, generated from the handlers' annotations.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "cohort", description = "Places every new user into a group of people like them."),
+    paths(routes::signup, routes::signin, routes::me, routes::my_group, routes::healthz, routes::readyz),
+    components(schemas(
+        routes::SignupRequest, routes::SignupResponse, routes::GroupRef,
+        routes::SigninRequest, routes::SigninResponse, routes::MeResponse,
+        routes::GroupResponse, routes::GroupDetail, routes::MemberView,
+        super::problem::Problem, crate::domain::FieldError,
+    )),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(c) = openapi.components.as_mut() {
+            c.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .bearer_format("JWT")
+                        .build(),
+                ),
+            );
+        }
+    }
+}
+
+pub fn spec_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the spec serialises")
+}

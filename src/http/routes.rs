@@ -1,0 +1,331 @@
+//! Handlers: parse, call the service, shape the response. Nothing else.
+
+use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::auth::Authenticated;
+use super::problem::Problem;
+use crate::domain::{Signup, UserId};
+use crate::error::AppError;
+use crate::service::Service;
+
+/// Request body of `POST /v1/signup`. Documentation only: the handler reads
+/// [`SignupBody`], so that missing fields are reported field by field.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SignupRequest {
+    /// 3 to 32 characters of `a-z 0-9 _ . -`, case-insensitive.
+    #[schema(example = "alice")]
+    pub username: String,
+    /// 15 to 128 characters, taken exactly as given.
+    pub password: String,
+    /// Between the match threshold and the maximum, after canonicalisation.
+    #[schema(example = json!(["Software", "Engineer", "Brussels", "Belgium", "Senior"]))]
+    pub attributes: Vec<String>,
+}
+
+/// What the handler accepts: missing fields become field errors (422), not
+/// a parse error.
+#[derive(Deserialize)]
+pub struct SignupBody {
+    username: Option<String>,
+    password: Option<String>,
+    attributes: Option<Vec<String>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GroupRef {
+    pub id: i64,
+    pub attributes: Vec<String>,
+    /// True when this signup founded the group.
+    pub created: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SignupResponse {
+    pub user_id: i64,
+    pub username: String,
+    pub attributes: Vec<String>,
+    pub group: GroupRef,
+    pub shared_attributes: Vec<String>,
+}
+
+#[utoipa::path(
+    post, path = "/v1/signup", tag = "users",
+    request_body = SignupRequest,
+    responses(
+        (status = 201, description = "Signed up and placed in a group", body = SignupResponse),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Username taken", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 16 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A backing service is down; nothing was written", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn signup(
+    service: web::Data<Service>,
+    req: HttpRequest,
+    body: web::Json<SignupBody>,
+) -> Result<HttpResponse, AppError> {
+    let body = body.into_inner();
+    let signup = Signup::parse(body.username, body.password, body.attributes, service.rules)
+        .map_err(AppError::Validation)?;
+    let client = req.peer_addr().map(|a| a.ip().to_string());
+    let out = service.signup(signup, client.as_deref()).await?;
+    let shared = out
+        .user
+        .attributes
+        .intersection(&out.placement.group_attributes);
+    Ok(HttpResponse::Created().json(SignupResponse {
+        user_id: out.user.id.0,
+        username: out.user.username.to_string(),
+        attributes: out.user.attributes.to_strings(),
+        group: GroupRef {
+            id: out.placement.group_id.0,
+            attributes: out.placement.group_attributes.to_strings(),
+            created: out.placement.created,
+        },
+        shared_attributes: shared.to_strings(),
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct SigninRequest {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SigninResponse {
+    pub access_token: String,
+    #[schema(example = "Bearer")]
+    pub token_type: String,
+    pub expires_in: u64,
+}
+
+#[utoipa::path(
+    post, path = "/v1/signin", tag = "users",
+    request_body = SigninRequest,
+    responses(
+        (status = 200, description = "An access token", body = SigninResponse),
+        (status = 401, description = "Unknown user or wrong password (same body)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many attempts; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn signin(
+    service: web::Data<Service>,
+    body: web::Json<SigninRequest>,
+) -> Result<HttpResponse, AppError> {
+    let token = service.signin(&body.username, &body.password).await?;
+    Ok(HttpResponse::Ok().json(SigninResponse {
+        access_token: token,
+        token_type: "Bearer".into(),
+        expires_in: service.tokens.ttl_secs(),
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MeResponse {
+    pub user_id: i64,
+    pub username: String,
+    pub attributes: Vec<String>,
+    pub group_id: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+#[utoipa::path(
+    get, path = "/v1/me", tag = "users",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The signed-in user", body = MeResponse),
+        (status = 401, description = "Missing, malformed or expired token", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn me(
+    service: web::Data<Service>,
+    user: Authenticated,
+) -> Result<HttpResponse, AppError> {
+    let u = service.me(user.0).await?;
+    Ok(HttpResponse::Ok().json(MeResponse {
+        user_id: u.id.0,
+        username: u.username.to_string(),
+        attributes: u.attributes.to_strings(),
+        group_id: u.group_id.0,
+        created_at: u.created_at,
+    }))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct GroupQuery {
+    /// Members per page, 1 to 500 (default 50).
+    limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GroupDetail {
+    pub id: i64,
+    pub attributes: Vec<String>,
+    pub member_count: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MemberView {
+    pub user_id: i64,
+    pub username: String,
+    pub attributes: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GroupResponse {
+    pub group: GroupDetail,
+    pub shared_attributes: Vec<String>,
+    /// Members in the order they joined.
+    pub members: Vec<MemberView>,
+    /// Opaque; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+const CURSOR_TAG: &str = "m1:";
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+fn encode_cursor(after: UserId) -> String {
+    B64.encode(format!("{CURSOR_TAG}{}", after.0))
+}
+
+fn decode_cursor(s: &str) -> Option<UserId> {
+    let raw = B64.decode(s.as_bytes()).ok()?;
+    let text = std::str::from_utf8(&raw).ok()?;
+    let id: i64 = text.strip_prefix(CURSOR_TAG)?.parse().ok()?;
+    (id > 0).then_some(UserId(id))
+}
+
+#[utoipa::path(
+    get, path = "/v1/me/group", tag = "groups",
+    security(("bearer" = [])),
+    params(GroupQuery),
+    responses(
+        (status = 200, description = "The caller's group and its members", body = GroupResponse),
+        (status = 400, description = "Bad limit or cursor", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, malformed or expired token", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn my_group(
+    service: web::Data<Service>,
+    user: Authenticated,
+    query: web::Query<GroupQuery>,
+) -> Result<HttpResponse, AppError> {
+    let limit = match &query.limit {
+        None => 50,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=500).contains(&n) => n,
+            _ => {
+                return Err(AppError::BadRequest(
+                    "limit must be an integer from 1 to 500".into(),
+                ));
+            }
+        },
+    };
+    let after = match &query.cursor {
+        None => None,
+        Some(c) => Some(
+            decode_cursor(c).ok_or_else(|| AppError::BadRequest("cursor is not valid".into()))?,
+        ),
+    };
+    let view = service.my_group(user.0, after, limit).await?;
+    Ok(HttpResponse::Ok().json(GroupResponse {
+        group: GroupDetail {
+            id: view.group.id.0,
+            attributes: view.group.attributes.to_strings(),
+            member_count: view.group.member_count,
+            created_at: view.group.created_at,
+        },
+        shared_attributes: view.shared.to_strings(),
+        members: view
+            .members
+            .into_iter()
+            .map(|m| MemberView {
+                user_id: m.id.0,
+                username: m.username.to_string(),
+                attributes: m.attributes.to_strings(),
+            })
+            .collect(),
+        next_cursor: view.next_after.map(encode_cursor),
+    }))
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is running")))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Database and index reachable, index loaded"),
+        (status = 503, description = "Not ready, with the reason", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn readyz(service: web::Data<Service>) -> Result<HttpResponse, AppError> {
+    if let Err(e) = service.store.ping().await {
+        return Err(AppError::Unavailable(format!("database: {e}")));
+    }
+    match service.index.check_ready().await {
+        Ok(()) => {
+            service.metrics.index_ready.set(1);
+            Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
+        }
+        Err(e) => {
+            service.metrics.index_ready.set(0);
+            if matches!(e, crate::index::IndexError::NotReady(_)) {
+                (service.on_index_lost)();
+            }
+            Err(AppError::Unavailable(format!("index: {e}")))
+        }
+    }
+}
+
+pub async fn metrics(service: web::Data<Service>) -> HttpResponse {
+    let pool = service.store.pool_stats();
+    service.metrics.db_pool_size.set(pool.size as i64);
+    service.metrics.db_pool_available.set(pool.available as i64);
+    service.metrics.db_pool_waiting.set(pool.waiting as i64);
+    HttpResponse::Ok()
+        .insert_header((
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        ))
+        .body(service.metrics.render())
+}
+
+pub async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(super::openapi::spec_json())
+}
+
+pub async fn not_found() -> Result<HttpResponse, AppError> {
+    Err(AppError::NotFound)
+}
+
+pub async fn method_not_allowed() -> Result<HttpResponse, AppError> {
+    Err(AppError::MethodNotAllowed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trip_and_rejects_garbage() {
+        assert_eq!(decode_cursor(&encode_cursor(UserId(42))), Some(UserId(42)));
+        assert_eq!(decode_cursor("not a cursor"), None);
+        assert_eq!(decode_cursor(&B64.encode("m1:-3")), None);
+    }
+}

@@ -1,0 +1,294 @@
+//! The in-process group index: the same t-subset design as the Redis script,
+//! in plain Rust with no I/O.
+//!
+//! Attributes are interned to `u32`, so a t-subset is a short sorted list of
+//! integers. For t <= 4 it packs exactly into a `u128`; beyond that the key is
+//! a hash of the list, and a collision only adds a candidate that the exact
+//! overlap check then rejects. Each key maps to a set of group ids (almost
+//! always one), so the index stays correct even if two groups ever shared a
+//! t-subset. One mutex serialises decisions: each takes microseconds.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{Decision, Epoch, GroupIndex, IndexError};
+use crate::domain::grouping::{choose_best, for_each_subset};
+use crate::domain::{AttributeSet, GroupId, Threshold};
+
+#[derive(Debug)]
+pub struct MemoryIndex {
+    t: Threshold,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    interned: HashMap<String, u32>,
+    groups: HashMap<GroupId, Group>,
+    subsets: HashMap<u128, Slot>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+#[derive(Debug)]
+struct Group {
+    attributes: AttributeSet,
+    /// Interned ids of the attributes, sorted.
+    ids: Box<[u32]>,
+}
+
+/// The groups under one t-subset key. `One` is the rule's normal case.
+#[derive(Debug, Clone)]
+enum Slot {
+    One(GroupId),
+    Many(Vec<GroupId>),
+}
+
+impl MemoryIndex {
+    pub fn new(t: Threshold) -> Self {
+        Self {
+            t,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub fn threshold(&self) -> Threshold {
+        self.t
+    }
+
+    /// Adds an existing group, as when loading from storage. Unlike a
+    /// founding it does not check the rule: loading must reproduce what is
+    /// stored, and the set-valued slots keep lookups right even if the
+    /// stored groups overlap.
+    pub fn insert(&self, id: GroupId, attrs: AttributeSet) {
+        self.inner
+            .lock()
+            .expect("index mutex poisoned")
+            .insert(self.t, id, attrs);
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .expect("index mutex poisoned")
+            .groups
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One decision, synchronously: the whole of `decide` without the async
+    /// wrapper, for benchmarks and property tests.
+    pub fn decide_now(
+        &self,
+        attrs: &AttributeSet,
+        found_with: Option<GroupId>,
+    ) -> Result<Decision, IndexError> {
+        let mut inner = self.inner.lock().expect("index mutex poisoned");
+        if let Some((id, _)) = inner.best(self.t, attrs) {
+            let attributes = inner.groups[&id].attributes.clone();
+            return Ok(Decision::Join { id, attributes });
+        }
+        match found_with {
+            None => Ok(Decision::NoMatch),
+            Some(id) => {
+                if inner.groups.contains_key(&id) {
+                    return Err(IndexError::Corrupt(format!(
+                        "group id {id} is already in the index"
+                    )));
+                }
+                inner.insert(self.t, id, attrs.clone());
+                Ok(Decision::Founded { id })
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn intern(&mut self, a: &str) -> u32 {
+        if let Some(&id) = self.interned.get(a) {
+            return id;
+        }
+        let id = u32::try_from(self.interned.len()).expect("fewer than 2^32 distinct attributes");
+        self.interned.insert(a.to_owned(), id);
+        id
+    }
+
+    fn key(&self, subset: &[u32]) -> u128 {
+        if subset.len() <= 4 {
+            subset
+                .iter()
+                .fold(0u128, |k, &x| (k << 32) | u128::from(x + 1))
+        } else {
+            let mut h = self.hasher.build_hasher();
+            subset.hash(&mut h);
+            let lo = h.finish();
+            subset.len().hash(&mut h);
+            (u128::from(h.finish()) << 64) | u128::from(lo)
+        }
+    }
+
+    fn insert(&mut self, t: Threshold, id: GroupId, attrs: AttributeSet) {
+        let mut ids: Vec<u32> = attrs.iter().map(|a| self.intern(a.as_str())).collect();
+        ids.sort_unstable();
+        let mut buf = Vec::with_capacity(t.get());
+        for_each_subset(ids.len(), t.get(), |s| {
+            buf.clear();
+            buf.extend(s.iter().map(|&i| ids[i]));
+            let key = self.key(&buf);
+            self.subsets
+                .entry(key)
+                .and_modify(|slot| match slot {
+                    Slot::One(g) if *g != id => *slot = Slot::Many(vec![*g, id]),
+                    Slot::Many(v) if !v.contains(&id) => v.push(id),
+                    _ => {}
+                })
+                .or_insert(Slot::One(id));
+        });
+        self.groups.insert(
+            id,
+            Group {
+                attributes: attrs,
+                ids: ids.into_boxed_slice(),
+            },
+        );
+    }
+
+    /// Candidates are the groups hit by at least one of the user's
+    /// t-subsets; their exact overlap decides, as in the reference.
+    fn best(&self, t: Threshold, attrs: &AttributeSet) -> Option<(GroupId, usize)> {
+        // Attributes never seen cannot be in any group: only known ones count.
+        let mut ids: Vec<u32> = attrs
+            .iter()
+            .filter_map(|a| self.interned.get(a.as_str()).copied())
+            .collect();
+        if ids.len() < t.get() {
+            return None;
+        }
+        ids.sort_unstable();
+        let mut candidates: Vec<GroupId> = Vec::new();
+        let mut buf = Vec::with_capacity(t.get());
+        for_each_subset(ids.len(), t.get(), |s| {
+            buf.clear();
+            buf.extend(s.iter().map(|&i| ids[i]));
+            match self.subsets.get(&self.key(&buf)) {
+                None => {}
+                Some(Slot::One(g)) => candidates.push(*g),
+                Some(Slot::Many(v)) => candidates.extend_from_slice(v),
+            }
+        });
+        candidates.sort_unstable();
+        candidates.dedup();
+        choose_best(
+            candidates
+                .into_iter()
+                .map(|g| (g, sorted_overlap(&self.groups[&g].ids, &ids))),
+            t,
+        )
+    }
+}
+
+fn sorted_overlap(a: &[u32], b: &[u32]) -> usize {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                n += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    n
+}
+
+#[async_trait]
+impl GroupIndex for MemoryIndex {
+    async fn decide(
+        &self,
+        attrs: &AttributeSet,
+        found_with: Option<GroupId>,
+    ) -> Result<(Decision, Option<Epoch>), IndexError> {
+        Ok((self.decide_now(attrs, found_with)?, None))
+    }
+
+    async fn check_ready(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::AttributeRules;
+    use crate::domain::grouping::LinearScan;
+    use proptest::prelude::*;
+
+    fn assign(ix: &MemoryIndex, next: &mut i64, attrs: &AttributeSet) -> (GroupId, bool) {
+        match ix.decide_now(attrs, None).unwrap() {
+            Decision::Join { id, .. } => (id, false),
+            Decision::NoMatch => {
+                let id = GroupId(*next);
+                *next += 1;
+                match ix.decide_now(attrs, Some(id)).unwrap() {
+                    Decision::Founded { id } => (id, true),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            Decision::Founded { .. } => unreachable!(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The index and the linear scan agree on every signup of a random
+        /// sequence, thresholds 1 to 5, tiny to large vocabularies.
+        #[test]
+        fn agrees_with_linear_scan(
+            t in 1usize..=5,
+            vocab in prop_oneof![Just(6usize), Just(12), Just(40), Just(400)],
+            users in proptest::collection::vec(proptest::collection::vec(0usize..400, 1..=16), 1..150),
+        ) {
+            let threshold = Threshold::new(t, 16).unwrap();
+            let rules = AttributeRules { min: t, max: 16 };
+            let ix = MemoryIndex::new(threshold);
+            let mut reference = LinearScan::new(threshold);
+            let mut next = 1;
+            for u in users {
+                let raw: Vec<String> = u.iter().map(|x| format!("a{}", x % vocab)).collect();
+                let Ok(attrs) = AttributeSet::parse(&raw, rules) else { continue };
+                let want = reference.assign(&attrs);
+                let got = assign(&ix, &mut next, &attrs);
+                prop_assert_eq!((want.group_id, want.created), got);
+            }
+        }
+    }
+
+    #[test]
+    fn overlapping_groups_loaded_from_storage_are_both_found() {
+        let t = Threshold::new(2, 16).unwrap();
+        let rules = AttributeRules { min: 2, max: 16 };
+        let ix = MemoryIndex::new(t);
+        // Two stored groups sharing a 2-subset: impossible under the rule,
+        // possible after a threshold change. The slot keeps both.
+        ix.insert(
+            GroupId(7),
+            AttributeSet::parse(&["a", "b", "c"], rules).unwrap(),
+        );
+        ix.insert(
+            GroupId(3),
+            AttributeSet::parse(&["a", "b", "d"], rules).unwrap(),
+        );
+        let user = AttributeSet::parse(&["a", "b", "d", "e"], rules).unwrap();
+        match ix.decide_now(&user, None).unwrap() {
+            Decision::Join { id, .. } => assert_eq!(id, GroupId(3)),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! cohort: places every new user into the existing group that shares the
+//! most attributes with them, or founds a new group.
+//!
+//! - `domain`: the rules, as pure code;
+//! - `index`: the group index (in-process, Redis);
+//! - `store`: the system of record (Postgres, embedded SQLite);
+//! - `auth`: password hashing and tokens;
+//! - `service`: the use cases, in the order that keeps data consistent;
+//! - `http`: the API; `config`, `telemetry`, `startup`: wiring.
+
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod index;
+pub mod ratelimit;
+pub mod service;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,144 @@
+//! Counting failures per key (for example per account) in a fixed window.
+//! Shared through Redis in distributed mode, so N replicas do not allow N
+//! times the attempts; in memory in embedded mode.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+
+#[async_trait]
+pub trait RateLimiter: Send + Sync {
+    /// Seconds to wait when `key` has reached `limit` events, else None.
+    async fn blocked(&self, key: &str, limit: u32) -> Option<u64>;
+    /// Counts one event; the window starts at the first.
+    async fn record(&self, key: &str, window: Duration);
+    async fn reset(&self, key: &str);
+}
+
+pub struct RedisLimiter {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisLimiter {
+    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+        Self {
+            conn,
+            prefix: format!("{prefix}rl:"),
+        }
+    }
+}
+
+// The limiter fails open: Redis being down must not lock every user out of
+// an endpoint that does not otherwise need Redis. It is logged.
+#[async_trait]
+impl RateLimiter for RedisLimiter {
+    async fn blocked(&self, key: &str, limit: u32) -> Option<u64> {
+        let mut conn = self.conn.clone();
+        let k = format!("{}{key}", self.prefix);
+        let res: redis::RedisResult<(Option<u32>, i64)> = redis::pipe()
+            .cmd("GET")
+            .arg(&k)
+            .cmd("TTL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await;
+        match res {
+            Ok((Some(n), ttl)) if n >= limit => Some(ttl.max(1) as u64),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "rate limiter unavailable; allowing");
+                None
+            }
+        }
+    }
+
+    async fn record(&self, key: &str, window: Duration) {
+        let mut conn = self.conn.clone();
+        let k = format!("{}{key}", self.prefix);
+        let res: redis::RedisResult<()> = redis::pipe()
+            .cmd("INCR")
+            .arg(&k)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&k)
+            .arg(window.as_secs().max(1))
+            .arg("NX")
+            .ignore()
+            .query_async(&mut conn)
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "rate limiter unavailable; not counted");
+        }
+    }
+
+    async fn reset(&self, key: &str) {
+        let mut conn = self.conn.clone();
+        let _: redis::RedisResult<()> = redis::cmd("DEL")
+            .arg(format!("{}{key}", self.prefix))
+            .query_async(&mut conn)
+            .await;
+    }
+}
+
+/// In-process limiter for the embedded mode.
+#[derive(Default)]
+pub struct MemoryLimiter {
+    counts: Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+/// Entries kept before expired ones are swept.
+const SWEEP_AT: usize = 10_000;
+
+#[async_trait]
+impl RateLimiter for MemoryLimiter {
+    async fn blocked(&self, key: &str, limit: u32) -> Option<u64> {
+        let counts = self.counts.lock().expect("limiter mutex poisoned");
+        let now = Instant::now();
+        match counts.get(key) {
+            Some(&(n, until)) if n >= limit && until > now => Some((until - now).as_secs().max(1)),
+            _ => None,
+        }
+    }
+
+    async fn record(&self, key: &str, window: Duration) {
+        let mut counts = self.counts.lock().expect("limiter mutex poisoned");
+        let now = Instant::now();
+        if counts.len() >= SWEEP_AT {
+            counts.retain(|_, (_, until)| *until > now);
+        }
+        let e = counts.entry(key.to_owned()).or_insert((0, now + window));
+        if e.1 <= now {
+            *e = (0, now + window);
+        }
+        e.0 += 1;
+    }
+
+    async fn reset(&self, key: &str) {
+        self.counts
+            .lock()
+            .expect("limiter mutex poisoned")
+            .remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_limiter_blocks_after_limit() {
+        let l = MemoryLimiter::default();
+        for _ in 0..3 {
+            assert_eq!(l.blocked("k", 3).await, None);
+            l.record("k", Duration::from_secs(60)).await;
+        }
+        assert!(l.blocked("k", 3).await.is_some());
+        assert_eq!(l.blocked("other", 3).await, None);
+        l.reset("k").await;
+        assert_eq!(l.blocked("k", 3).await, None);
+    }
+}

@@ -1,0 +1,346 @@
+//! Wiring: builds the backends for the configured mode, the service and the
+//! HTTP servers. `main` and the integration tests start the same code.
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpServer, web};
+use anyhow::{Context, anyhow};
+use tracing_actix_web::TracingLogger;
+
+use crate::auth::{PasswordHasher, Tokens};
+use crate::config::{Config, Mode};
+use crate::http;
+use crate::index::GroupIndex;
+use crate::index::keeper::IndexKeeper;
+use crate::index::memory::MemoryIndex;
+use crate::index::redis::{self as redis_index, RedisIndex};
+use crate::ratelimit::{MemoryLimiter, RateLimiter, RedisLimiter};
+use crate::service::Service;
+use crate::store::Store;
+use crate::store::postgres::PgStore;
+use crate::store::sqlite::SqliteStore;
+use crate::telemetry::Metrics;
+
+/// The backing services of one mode.
+pub struct Backends {
+    pub store: Arc<dyn Store>,
+    pub index: Arc<dyn GroupIndex>,
+    pub limiter: Arc<dyn RateLimiter>,
+    pub keeper: Option<Arc<IndexKeeper>>,
+    pub jwt_secret: Vec<u8>,
+    /// Embedded mode: the data directory's lock, held for the process's life.
+    pub data_lock: Option<fs::File>,
+}
+
+/// Distributed mode: Postgres and Redis, migrated (unless told not to) and
+/// with the index ready (rebuilt here if it is missing).
+pub async fn distributed(
+    config: &Config,
+    migrate: bool,
+    metrics: &Metrics,
+) -> anyhow::Result<Backends> {
+    let Mode::Distributed {
+        database_url,
+        redis_url,
+        jwt_secret,
+    } = &config.mode
+    else {
+        return Err(anyhow!("not in distributed mode"));
+    };
+    let pg = Arc::new(
+        PgStore::connect(database_url, config.settings.db_pool_size).map_err(|e| anyhow!(e))?,
+    );
+    if migrate {
+        let n = pg.migrate().await.map_err(|e| anyhow!(e))?;
+        tracing::info!(applied = n, "migrations applied");
+    }
+    let conn = redis_index::connect(redis_url)
+        .await
+        .context("cannot connect to Redis")?;
+    let redis = Arc::new(RedisIndex::new(
+        conn.clone(),
+        &config.settings.redis_prefix,
+        config.threshold,
+        config.settings.index_buckets,
+    ));
+    let rebuilds = metrics.index_rebuilds.clone();
+    let keeper = Arc::new(IndexKeeper::new(
+        redis.clone(),
+        pg.clone(),
+        Box::new(move || rebuilds.inc()),
+    ));
+    keeper
+        .ensure_ready(Duration::from_secs(120))
+        .await
+        .context("the group index is not ready")?;
+    Ok(Backends {
+        store: pg,
+        index: redis,
+        limiter: Arc::new(RedisLimiter::new(conn, &config.settings.redis_prefix)),
+        keeper: Some(keeper),
+        jwt_secret: jwt_secret.clone(),
+        data_lock: None,
+    })
+}
+
+/// Embedded mode: a SQLite file and an in-process index rebuilt from it.
+pub async fn embedded(config: &Config) -> anyhow::Result<Backends> {
+    let Mode::Embedded { data_dir } = &config.mode else {
+        return Err(anyhow!("not in embedded mode"));
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let lock = lock_data_dir(data_dir)?;
+    let jwt_secret = match &config.settings.jwt_secret {
+        Some(s) => s.clone().into_bytes(),
+        None => load_or_create_secret(&data_dir.join("jwt-secret"))?,
+    };
+    let store =
+        Arc::new(SqliteStore::open(&data_dir.join("cohort.sqlite3")).map_err(|e| anyhow!(e))?);
+    let index = Arc::new(MemoryIndex::new(config.threshold));
+    let mut after = None;
+    loop {
+        let batch = store.groups_after(after, 10_000).await?;
+        let Some(last) = batch.last() else { break };
+        after = Some(last.0);
+        for (id, attrs) in batch {
+            index.insert(id, attrs);
+        }
+    }
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        groups = index.len(),
+        "embedded mode: data in a local SQLite file, group index in process"
+    );
+    Ok(Backends {
+        store,
+        index,
+        limiter: Arc::new(MemoryLimiter::default()),
+        keeper: None,
+        jwt_secret,
+        data_lock: Some(lock),
+    })
+}
+
+/// One process per data directory: a second one would corrupt nothing in
+/// SQLite, but its in-process index would diverge from the first's.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<fs::File> {
+    let path = dir.join("cohort.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(anyhow!(
+            "another cohort process is using the data directory {} (lock file {} is held); \
+             stop it, or set COHORT_DATA_DIR to another directory",
+            dir.display(),
+            path.display()
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// The embedded mode's JWT secret: generated once, kept with mode 0600, so
+/// tokens survive restarts.
+fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if let Ok(s) = fs::read_to_string(path) {
+        let s = s.trim().to_owned();
+        if s.len() >= crate::auth::MIN_SECRET_BYTES {
+            return Ok(s.into_bytes());
+        }
+        return Err(anyhow!(
+            "{} is too short to be a JWT secret; delete it to generate a new one",
+            path.display()
+        ));
+    }
+    let bytes: [u8; 32] = rand::random();
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    Ok(secret.into_bytes())
+}
+
+pub struct Application {
+    server: Server,
+    metrics_server: Option<Server>,
+    port: u16,
+    metrics_port: Option<u16>,
+    service: web::Data<Service>,
+    _data_lock: Option<fs::File>,
+}
+
+impl Application {
+    pub async fn build(config: Config, migrate: bool) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        let backends = match config.mode {
+            Mode::Distributed { .. } => distributed(&config, migrate, &metrics).await?,
+            Mode::Embedded { .. } => embedded(&config).await?,
+        };
+        Self::with_backends(config, metrics, backends).await
+    }
+
+    pub async fn with_backends(
+        config: Config,
+        metrics: Metrics,
+        backends: Backends,
+    ) -> anyhow::Result<Self> {
+        let s = &config.settings;
+        let tokens = Tokens::new(&backends.jwt_secret, s.token_ttl).map_err(|e| anyhow!(e))?;
+        let hash_metric = metrics.password_hash_seconds.clone();
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hasher = PasswordHasher::new(
+            s.hash_concurrency.unwrap_or(cpus),
+            Arc::new(move |secs| hash_metric.observe(secs)),
+        );
+        let on_index_lost: Arc<dyn Fn() + Send + Sync> = match &backends.keeper {
+            Some(k) => {
+                let k = k.clone();
+                Arc::new(move || k.trigger())
+            }
+            None => Arc::new(|| {}),
+        };
+        metrics.index_ready.set(1);
+        if let Some(k) = &backends.keeper {
+            let ready = metrics.index_ready.clone();
+            k.watch(Duration::from_secs(1), move |ok| ready.set(i64::from(ok)));
+        }
+        let service = web::Data::new(Service {
+            store: backends.store,
+            index: backends.index,
+            hasher,
+            tokens,
+            limiter: backends.limiter,
+            metrics,
+            rules: config.rules,
+            threshold: config.threshold,
+            signin_max_failures: s.signin_max_failures.max(1),
+            signup_rate_limit: s.signup_rate_limit,
+            on_index_lost,
+        });
+        spawn_count_refresher(service.clone());
+
+        let listener = TcpListener::bind(s.listen)
+            .with_context(|| format!("cannot listen on {}", s.listen))?;
+        let port = listener.local_addr()?.port();
+        let with_metrics = s.metrics_listen.is_none();
+        let svc = service.clone();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(svc.clone())
+                .wrap(from_fn(http::record_metrics))
+                .wrap(http::security_headers())
+                .wrap(from_fn(http::request_id_header))
+                .wrap(TracingLogger::default())
+                .configure(|c| http::api(c, with_metrics))
+        })
+        .listen(listener)?
+        .shutdown_timeout(s.shutdown_timeout);
+        if let Some(w) = s.workers {
+            server = server.workers(w);
+        }
+        let server = server.run();
+
+        let (metrics_server, metrics_port) = match s.metrics_listen {
+            None => (None, None),
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+                let mport = l.local_addr()?.port();
+                let svc = service.clone();
+                let srv = HttpServer::new(move || {
+                    App::new().app_data(svc.clone()).configure(http::metrics)
+                })
+                .listen(l)?
+                .workers(1)
+                .shutdown_timeout(s.shutdown_timeout)
+                .run();
+                (Some(srv), Some(mport))
+            }
+        };
+        tracing::info!(port, metrics_port, "listening");
+        Ok(Self {
+            server,
+            metrics_server,
+            port,
+            metrics_port,
+            service,
+            _data_lock: backends.data_lock,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_port
+    }
+
+    pub fn service(&self) -> web::Data<Service> {
+        self.service.clone()
+    }
+
+    /// A handle that stops the servers gracefully (as SIGTERM does).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let Self {
+            server,
+            metrics_server,
+            _data_lock,
+            ..
+        } = self;
+        match metrics_server {
+            None => server.await,
+            Some(m) => {
+                let mh = m.handle();
+                let metrics_task = tokio::spawn(m);
+                let r = server.await;
+                mh.stop(true).await;
+                let _ = metrics_task.await;
+                r
+            }
+        }
+    }
+}
+
+/// Refreshes the groups and users gauges every few seconds, for as long as
+/// the service exists.
+fn spawn_count_refresher(service: web::Data<Service>) {
+    let weak = Arc::downgrade(&service.clone().into_inner());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let Some(svc) = weak.upgrade() else { return };
+            if let Ok((g, u)) = svc.store.counts().await {
+                svc.metrics.groups.set(g as i64);
+                svc.metrics.users.set(u as i64);
+            }
+        }
+    });
+}

@@ -1,0 +1,183 @@
+//! Logs (tracing, one JSON object per line) and metrics (Prometheus).
+//!
+//! Metrics live in a registry per application rather than the global one,
+//! so several instances in one process (the integration tests) do not mix.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tracing_subscriber::{EnvFilter, fmt};
+
+/// Installs the global subscriber once; later calls are ignored (tests).
+pub fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let result = if format == "pretty" {
+        fmt().with_env_filter(filter).try_init()
+    } else {
+        fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .try_init()
+    };
+    let _ = result;
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub signups: IntCounterVec,
+    pub assign_seconds: Histogram,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub groups: IntGauge,
+    pub users: IntGauge,
+    pub index_ready: IntGauge,
+    pub index_rebuilds: IntCounter,
+    pub index_unavailable: IntCounter,
+    pub password_hash_seconds: Histogram,
+    pub db_pool_size: IntGauge,
+    pub db_pool_available: IntGauge,
+    pub db_pool_waiting: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let signups = IntCounterVec::new(
+            Opts::new(
+                "cohort_signups_total",
+                "Completed signups by outcome (joined or founded).",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        let assign_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "cohort_group_assign_seconds",
+                "Time of the best-group-or-create step of a signup.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        )
+        .unwrap();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "cohort_http_requests_total",
+                "HTTP requests by method, route pattern and status.",
+            ),
+            &["method", "route", "status"],
+        )
+        .unwrap();
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "cohort_http_request_duration_seconds",
+                "HTTP request duration by method and route pattern.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["method", "route"],
+        )
+        .unwrap();
+        let groups =
+            IntGauge::new("cohort_groups", "Groups, as this replica last saw them.").unwrap();
+        let users = IntGauge::new("cohort_users", "Users, as this replica last saw them.").unwrap();
+        let index_ready = IntGauge::new(
+            "cohort_index_ready",
+            "1 when the group index is loaded and ready.",
+        )
+        .unwrap();
+        let index_rebuilds = IntCounter::new(
+            "cohort_index_rebuilds_total",
+            "Index rebuilds completed by this replica.",
+        )
+        .unwrap();
+        let index_unavailable = IntCounter::new(
+            "cohort_index_unavailable_total",
+            "Signups refused because the index was lost, stale or being rebuilt.",
+        )
+        .unwrap();
+        let password_hash_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "cohort_password_hash_seconds",
+                "Time of one argon2id hash or verification.",
+            )
+            .buckets(vec![0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28]),
+        )
+        .unwrap();
+        let db_pool_size =
+            IntGauge::new("cohort_db_pool_size", "Database connections open.").unwrap();
+        let db_pool_available =
+            IntGauge::new("cohort_db_pool_available", "Database connections idle.").unwrap();
+        let db_pool_waiting = IntGauge::new(
+            "cohort_db_pool_waiting",
+            "Requests waiting for a database connection.",
+        )
+        .unwrap();
+        let build_info = IntGaugeVec::new(
+            Opts::new("cohort_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .unwrap();
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for c in [
+            Box::new(signups.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(assign_seconds.clone()),
+            Box::new(http_requests.clone()),
+            Box::new(http_duration.clone()),
+            Box::new(groups.clone()),
+            Box::new(users.clone()),
+            Box::new(index_ready.clone()),
+            Box::new(index_rebuilds.clone()),
+            Box::new(index_unavailable.clone()),
+            Box::new(password_hash_seconds.clone()),
+            Box::new(db_pool_size.clone()),
+            Box::new(db_pool_available.clone()),
+            Box::new(db_pool_waiting.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        // Both outcomes exist from the start, so rate() works before the
+        // first founding.
+        signups.with_label_values(&["joined"]);
+        signups.with_label_values(&["founded"]);
+        Self {
+            registry,
+            signups,
+            assign_seconds,
+            http_requests,
+            http_duration,
+            groups,
+            users,
+            index_ready,
+            index_rebuilds,
+            index_unavailable,
+            password_hash_seconds,
+            db_pool_size,
+            db_pool_available,
+            db_pool_waiting,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
