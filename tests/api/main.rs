@@ -1,0 +1,14 @@
+//! Integration tests: the real application on port 0, over HTTP, against
+//! real Postgres and Redis (or the embedded store). One binary, so it builds
+//! once.
+
+mod helpers;
+
+mod concurrency;
+mod failures;
+mod group;
+mod index;
+mod ops;
+mod restart;
+mod signin;
+mod signup;
