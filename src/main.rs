@@ -39,7 +39,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.settings.log_format);
+    init_logging(&config.settings.log_format, !command.starts_with("serve"));
     let result = match command {
         "serve" | "serve-no-migrate" => serve(config, command == "serve").await,
         "migrate" => migrate(config).await,

@@ -10,16 +10,26 @@ use prometheus::{
 use tracing_subscriber::{EnvFilter, fmt};
 
 /// Installs the global subscriber once; later calls are ignored (tests).
-pub fn init_logging(format: &str) {
+/// The server logs to stdout; one-shot commands log to stderr, so that their
+/// report on stdout stays clean.
+pub fn init_logging(format: &str, to_stderr: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let writer = move || -> Box<dyn std::io::Write> {
+        if to_stderr {
+            Box::new(std::io::stderr())
+        } else {
+            Box::new(std::io::stdout())
+        }
+    };
     let result = if format == "pretty" {
-        fmt().with_env_filter(filter).try_init()
+        fmt().with_env_filter(filter).with_writer(writer).try_init()
     } else {
         fmt()
             .json()
             .with_current_span(true)
             .with_span_list(false)
             .with_env_filter(filter)
+            .with_writer(writer)
             .try_init()
     };
     let _ = result;

@@ -123,3 +123,96 @@ async fn verify_reports_a_group_the_database_lacks() {
     );
     assert!(again.placement.group_id > GroupId(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_threshold_gets_its_own_index_built_from_the_data() {
+    let backing = Backing::new(Mode::Distributed).await;
+    let t3 = spawn_with(backing.clone(), |_| {}).await;
+    let g = t3.signup_ok("ann", &["a", "b", "c", "d"]).await["group"]["id"].clone();
+    // Started with t=4 on the same data: it builds a t=4 index from Postgres
+    // instead of reading the t=3 one.
+    let t4 = spawn_with(backing.clone(), |s| s.match_threshold = 4).await;
+    let joined = t4.signup_ok("ben", &["a", "b", "c", "d", "e"]).await;
+    assert_eq!(joined["group"]["id"], g);
+    // Three shared is enough at t=3, not at t=4.
+    let founded = t4.signup_ok("cat", &["a", "b", "c", "x"]).await;
+    assert_eq!(founded["group"]["created"], true);
+    // The t=3 replica still serves its own index, which does not know the
+    // group t=4 founded until rebuilt; it never reads t=4's keys.
+    let Backing::Distributed { prefix, .. } = &backing else {
+        unreachable!()
+    };
+    let conn = redis_index::connect(&prefix.url).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*meta", prefix.prefix))
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 2, "one index per threshold: {keys:?}");
+}
+
+fn cohort_cli(backing: &Backing, args: &[&str]) -> std::process::Output {
+    let Backing::Distributed { db, prefix } = backing else {
+        unreachable!()
+    };
+    std::process::Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", &prefix.url)
+        .env("COHORT_REDIS_PREFIX", &prefix.prefix)
+        .env(
+            "COHORT_JWT_SECRET",
+            "test secret that is at least 32 bytes long",
+        )
+        .env("COHORT_INDEX_BUCKETS", "1024")
+        .env_remove("COHORT_MATCH_THRESHOLD")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reindex_and_verify_commands() {
+    let backing = Backing::new(Mode::Distributed).await;
+    let app = spawn_with(backing.clone(), |_| {}).await;
+    for (i, a) in [["a", "b", "c"], ["d", "e", "f"], ["a", "b", "x"]]
+        .iter()
+        .enumerate()
+    {
+        app.signup_ok(&format!("usr{i}"), a).await;
+    }
+    let out = cohort_cli(&backing, &["verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = cohort_cli(&backing, &["reindex"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("reindexed 3 groups"), "{text}");
+    // Signups go on against the new epoch.
+    let joined = app.signup_ok("after", &["d", "e", "f", "g"]).await;
+    assert_eq!(joined["group"]["created"], false);
+    // A group the index lost is reported, and exit is non-zero.
+    let Backing::Distributed { prefix, .. } = &backing else {
+        unreachable!()
+    };
+    let conn = redis_index::connect(&prefix.url).await.unwrap();
+    let gkeys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*:g", prefix.prefix))
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HDEL")
+        .arg(&gkeys[0])
+        .arg(joined["group"]["id"].as_i64().unwrap())
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let out = cohort_cli(&backing, &["verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("is missing from the index"), "{text}");
+    assert!(cohort_cli(&backing, &["reindex"]).status.success());
+    assert!(cohort_cli(&backing, &["verify"]).status.success());
+}

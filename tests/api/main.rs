@@ -9,6 +9,7 @@ mod failures;
 mod group;
 mod index;
 mod ops;
+mod properties;
 mod restart;
 mod signin;
 mod signup;

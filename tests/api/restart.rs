@@ -135,3 +135,65 @@ async fn embedded_data_survives_sigterm_and_sigkill() {
         0o600
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_and_tokens_never_reach_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("out.log");
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .env_clear()
+        .env("COHORT_DATA_DIR", dir.path().join("data"))
+        .env("COHORT_LISTEN", format!("127.0.0.1:{port}"))
+        .env("COHORT_WORKERS", "1")
+        .env("RUST_LOG", "debug")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    let mut p = Proc {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let base = p.base.clone();
+    let http = reqwest::Client::new();
+    let canary = "canary-password-7f3a9c";
+    let res = http
+        .post(format!("{base}/v1/signup"))
+        .json(&json!({"username": "canary", "password": canary, "attributes": ["a", "b", "c"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 201);
+    let res = http
+        .post(format!("{base}/v1/signin"))
+        .json(&json!({"username": "canary", "password": canary}))
+        .send()
+        .await
+        .unwrap();
+    let request_id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let token = res.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let me = http
+        .get(format!("{base}/v1/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status().as_u16(), 200);
+    signal(&mut p, "-TERM");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(canary), "the password was logged");
+    assert!(!text.contains(&token), "the token was logged");
+    let secret = std::fs::read_to_string(dir.path().join("data/jwt-secret")).unwrap();
+    assert!(!text.contains(secret.trim()), "the JWT secret was logged");
+    // Logs are JSON lines carrying the request id the client saw.
+    assert!(
+        text.lines()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok())
+    );
+    assert!(text.contains(&request_id));
+}
