@@ -60,6 +60,9 @@ fn build_groups(n: usize) -> Vec<(GroupId, AttributeSet)> {
             let id = GroupId(groups.len() as i64 + 1);
             index.decide_now(&user, Some(id)).unwrap();
             groups.push((id, user));
+            if groups.len().is_power_of_two() || groups.len() % 100_000 == 0 {
+                eprintln!("population: {} groups after {signups} signups", groups.len());
+            }
         }
     }
     eprintln!("population: {n} groups founded by {signups} signups");
@@ -207,7 +210,12 @@ fn main() {
         .into_iter()
         .filter(|&n| n <= max)
         .collect();
+    let started = Instant::now();
     let all = Arc::new(build_groups(*sizes.last().unwrap()));
+    eprintln!("population built in {:.0}s", started.elapsed().as_secs_f64());
+    if std::env::var_os("COHORT_BENCH_POPULATION_ONLY").is_some() {
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
