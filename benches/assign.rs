@@ -61,7 +61,10 @@ fn build_groups(n: usize) -> Vec<(GroupId, AttributeSet)> {
             index.decide_now(&user, Some(id)).unwrap();
             groups.push((id, user));
             if groups.len().is_power_of_two() || groups.len() % 100_000 == 0 {
-                eprintln!("population: {} groups after {signups} signups", groups.len());
+                eprintln!(
+                    "population: {} groups after {signups} signups",
+                    groups.len()
+                );
             }
         }
     }
@@ -212,7 +215,10 @@ fn main() {
         .collect();
     let started = Instant::now();
     let all = Arc::new(build_groups(*sizes.last().unwrap()));
-    eprintln!("population built in {:.0}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "population built in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
     if std::env::var_os("COHORT_BENCH_POPULATION_ONLY").is_some() {
         return;
     }

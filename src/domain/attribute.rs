@@ -46,13 +46,20 @@ impl Attribute {
 /// that is no longer NFKC, and canonicalisation must be idempotent), then
 /// white space trimmed and folded.
 fn canonicalise(raw: &str) -> String {
+    // ASCII is its own NFKC form: skip the Unicode tables (the common case,
+    // and the whole of a reindex, which re-checks every stored attribute).
+    if raw.is_ascii() {
+        return fold_space(&raw.to_ascii_lowercase());
+    }
     let lowered: String = raw.nfkc().collect::<String>().to_lowercase();
     let normalised: String = lowered.nfkc().collect();
-    let mut out = String::with_capacity(normalised.len());
-    for word in normalised
-        .split(char::is_whitespace)
-        .filter(|w| !w.is_empty())
-    {
+    fold_space(&normalised)
+}
+
+/// Trims, and folds inner runs of white space to one space.
+fn fold_space(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for word in s.split(char::is_whitespace).filter(|w| !w.is_empty()) {
         if !out.is_empty() {
             out.push(' ');
         }

@@ -53,7 +53,7 @@ return 'OK'
 /// Bytes of a subset's digest kept as the hash field.
 const FIELD_BYTES: usize = 12;
 /// Groups read from the system of record per rebuild batch.
-const REBUILD_BATCH: usize = 5_000;
+const REBUILD_BATCH: usize = 20_000;
 /// Target entries per bucket: listpack lookups stay short, and far below
 /// `hash-max-listpack-entries` (512), where a bucket would stop being compact.
 const ENTRIES_PER_BUCKET: u64 = 128;
@@ -250,51 +250,44 @@ impl RedisIndex {
         let gkey = self.groups_key(epoch);
         let mut after = None;
         let mut done = 0u64;
+        let mut overlaps = false;
+        // One batch is in flight in Redis while the next is read and built:
+        // the rebuild runs at the speed of the slower side, not their sum.
+        let mut in_flight: Option<tokio::task::JoinHandle<Result<bool, IndexError>>> = None;
         loop {
             let batch = source.groups_after(after, REBUILD_BATCH).await?;
             let Some(last) = batch.last() else { break };
             after = Some(last.0);
-            let mut pipe = redis::pipe();
-            let mut slots = Vec::new();
-            for (id, attrs) in &batch {
-                pipe.cmd("HSET")
-                    .arg(&gkey)
-                    .arg(id.0)
-                    .arg(join(attrs.iter().map(|a| a.as_str())))
-                    .ignore();
-                subset_digests(attrs, self.t, |field, bucket| {
-                    let key = self.bucket_key(epoch, bucket % buckets);
-                    pipe.cmd("HSETNX").arg(&key).arg(field).arg(id.0);
-                    slots.push((key, field.to_vec(), *id));
-                });
+            let (pipe, expected) = self.batch_pipeline(epoch, buckets, &gkey, &batch);
+            if let Some(prev) = in_flight.take() {
+                overlaps |= prev
+                    .await
+                    .map_err(|e| IndexError::Unavailable(e.to_string()))??;
             }
-            let added: Vec<i64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-            // A slot already taken means stored groups overlap (possible
-            // after a threshold change): keep every id, as the script does.
-            for ((key, field, id), n) in slots.into_iter().zip(added) {
-                if n == 0 {
-                    let cur: Option<String> = redis::cmd("HGET")
-                        .arg(&key)
-                        .arg(&field)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                    let val = match cur {
-                        Some(c) if c.split(',').any(|x| x == id.0.to_string()) => continue,
-                        Some(c) => format!("{c},{}", id.0),
-                        None => id.0.to_string(),
-                    };
-                    redis::cmd("HSET")
-                        .arg(&key)
-                        .arg(&field)
-                        .arg(val)
-                        .query_async::<()>(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                }
-            }
+            let mut c = conn.clone();
+            in_flight = Some(tokio::spawn(async move {
+                let added: Vec<usize> = pipe.query_async(&mut c).await.map_err(unavailable)?;
+                // Fewer new fields than sent: a slot was already taken, by a
+                // group of an earlier batch sharing a t-subset.
+                Ok(added != expected)
+            }));
             done += batch.len() as u64;
             progress(done, total.max(done));
+        }
+        if let Some(prev) = in_flight.take() {
+            overlaps |= prev
+                .await
+                .map_err(|e| IndexError::Unavailable(e.to_string()))??;
+        }
+        if overlaps {
+            // Stored groups overlap (possible after a threshold change): the
+            // fast path overwrote some slots. Put every group's id back in
+            // each of its slots, as the script keeps them.
+            tracing::warn!(
+                epoch = epoch.0,
+                "stored groups share t-subsets; repairing their slots"
+            );
+            self.repair_slots(source, epoch, buckets).await?;
         }
 
         let outcome: String = self
@@ -326,6 +319,106 @@ impl RedisIndex {
             buckets,
             elapsed: started.elapsed(),
         }))
+    }
+
+    /// One pipeline writing a batch of groups: their attributes, then one
+    /// multi-field HSET per bucket (one command per bucket, not per subset:
+    /// Redis spends most of a small command on dispatch). Returns the
+    /// pipeline and the number of new fields each bucket command should add.
+    fn batch_pipeline(
+        &self,
+        epoch: Epoch,
+        buckets: u32,
+        gkey: &str,
+        batch: &[(GroupId, AttributeSet)],
+    ) -> (redis::Pipeline, Vec<usize>) {
+        let mut pipe = redis::pipe();
+        for chunk in batch.chunks(1_000) {
+            pipe.cmd("HSET").arg(gkey);
+            for (id, attrs) in chunk {
+                pipe.arg(id.0).arg(join(attrs.iter().map(|a| a.as_str())));
+            }
+            pipe.ignore();
+        }
+        // (bucket, digest, id) for every subset of the batch, sorted, so each
+        // bucket's fields come out together and equal digests side by side.
+        let mut entries: Vec<(u32, [u8; FIELD_BYTES], i64)> = Vec::with_capacity(batch.len() * 24);
+        for (id, attrs) in batch {
+            subset_digests(attrs, self.t, |field, bucket| {
+                let f: [u8; FIELD_BYTES] = field.try_into().expect("field length");
+                entries.push((bucket % buckets, f, id.0));
+            });
+        }
+        entries.sort_unstable();
+        let mut expected = Vec::new();
+        let mut ids = String::new();
+        let mut i = 0;
+        while i < entries.len() {
+            let bucket = entries[i].0;
+            pipe.cmd("HSET").arg(self.bucket_key(epoch, bucket));
+            let mut fields = 0;
+            while i < entries.len() && entries[i].0 == bucket {
+                // Equal digests within the batch share one field.
+                ids.clear();
+                let field = entries[i].1;
+                while i < entries.len() && entries[i].0 == bucket && entries[i].1 == field {
+                    if !ids.is_empty() {
+                        ids.push(',');
+                    }
+                    ids.push_str(itoa::Buffer::new().format(entries[i].2));
+                    i += 1;
+                }
+                pipe.arg(&field[..]).arg(ids.as_str());
+                fields += 1;
+            }
+            expected.push(fields);
+        }
+        (pipe, expected)
+    }
+
+    /// Slow and exact: makes every slot of every group hold its id.
+    async fn repair_slots(
+        &self,
+        source: &dyn IndexSource,
+        epoch: Epoch,
+        buckets: u32,
+    ) -> Result<(), IndexError> {
+        let mut conn = self.conn.clone();
+        let mut after = None;
+        loop {
+            let batch = source.groups_after(after, REBUILD_BATCH).await?;
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            after = Some(last.0);
+            for (id, attrs) in &batch {
+                let mut slots = Vec::new();
+                subset_digests(attrs, self.t, |field, bucket| {
+                    slots.push((self.bucket_key(epoch, bucket % buckets), field.to_vec()));
+                });
+                for (key, field) in slots {
+                    let cur: Option<String> = redis::cmd("HGET")
+                        .arg(&key)
+                        .arg(&field)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                    let own = id.0.to_string();
+                    let val = match cur {
+                        Some(c) if c.split(',').any(|x| x == own) => continue,
+                        Some(c) => format!("{c},{own}"),
+                        None => own,
+                    };
+                    redis::cmd("HSET")
+                        .arg(&key)
+                        .arg(&field)
+                        .arg(val)
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+        }
     }
 
     /// Unlinks every key of an epoch other than `keep` (old generations and

@@ -216,3 +216,48 @@ async fn reindex_and_verify_commands() {
     assert!(cohort_cli(&backing, &["reindex"]).status.success());
     assert!(cohort_cli(&backing, &["verify"]).status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_keeps_every_group_of_overlapping_stored_groups() {
+    // Groups that share t attributes cannot be founded at this threshold,
+    // but can be stored (founded under a higher one). Every slot must keep
+    // all of them, across rebuild batches too.
+    let (db, _prefix, store, index) = fresh_index(3, 16).await;
+    let c = db.client().await;
+    c.batch_execute(
+        "INSERT INTO groups (id, attributes) VALUES \
+         (1, '{a,b,c,d}'), (2, '{a,b,c,e}'), (3, '{a,b,c,d,e}')",
+    )
+    .await
+    .unwrap();
+    // More groups than one batch, so that overlapping slots span batches.
+    c.batch_execute(
+        "INSERT INTO groups (id, attributes) \
+         SELECT g, ARRAY['x' || g, 'y' || g, 'z' || g] FROM generate_series(4, 25000) g; \
+         INSERT INTO groups (id, attributes) VALUES (25001, '{a,b,c,f}')",
+    )
+    .await
+    .unwrap();
+    index.rebuild(&store, &|_, _| {}).await.unwrap().unwrap();
+    let report = index.verify(&store).await.unwrap();
+    assert!(
+        report.problems.is_empty(),
+        "{:?}",
+        &report.problems[..report.problems.len().min(5)]
+    );
+    let rules = AttributeRules { min: 3, max: 16 };
+    let user = AttributeSet::parse(&["a", "b", "c", "e", "q"], rules).unwrap();
+    let placed = index.assign(&user, &store).await.unwrap().placement;
+    // Group 2 and 3 share 4 with the user; the smaller id wins.
+    assert_eq!(placed.group_id, GroupId(2));
+    let user = AttributeSet::parse(&["a", "b", "c", "f"], rules).unwrap();
+    assert_eq!(
+        index
+            .assign(&user, &store)
+            .await
+            .unwrap()
+            .placement
+            .group_id,
+        GroupId(25001)
+    );
+}
