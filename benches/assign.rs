@@ -39,6 +39,10 @@ use population::Population;
 use rand::{RngExt, SeedableRng};
 use std::hint::black_box;
 
+// The same allocator as the binary (see src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const RULES: AttributeRules = AttributeRules { min: 3, max: 16 };
 
 fn threshold() -> Threshold {
@@ -200,6 +204,7 @@ async fn used_memory(conn: &mut redis::aio::ConnectionManager) -> i64 {
 }
 
 fn main() {
+    cohort::configure_allocator();
     let mut c = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
@@ -222,11 +227,16 @@ fn main() {
     if std::env::var_os("COHORT_BENCH_POPULATION_ONLY").is_some() {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // A current-thread runtime: block_on drives the connection itself, so a
+    // round trip is not inflated by waking another thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    let only: Option<Vec<String>> = std::env::var("COHORT_BENCH_IMPLS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let want = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
 
     // Postgres: a scratch database with cohort's own schema.
     let admin = std::env::var("COHORT_TEST_DATABASE_URL")
@@ -264,80 +274,86 @@ fn main() {
         let groups = &all[..n];
         let queries = joiners(groups, 1_000);
         let mut group = c.benchmark_group("assign");
-
-        // (a) the linear scan.
-        let mut linear = LinearScan::new(threshold());
-        for (id, a) in groups {
-            linear.insert(*id, a.clone());
-        }
         let mut i = 0;
-        group.bench_function(BenchmarkId::new("linear", n), |b| {
-            b.iter(|| {
-                i = (i + 1) % queries.len();
-                black_box(linear.best(&queries[i]))
-            })
-        });
-        drop(linear);
 
-        // (b) the in-process index.
-        let memory = MemoryIndex::new(threshold());
-        for (id, a) in groups {
-            memory.insert(*id, a.clone());
+        if want("linear") {
+            // (a) the linear scan.
+            let mut linear = LinearScan::new(threshold());
+            for (id, a) in groups {
+                linear.insert(*id, a.clone());
+            }
+            group.bench_function(BenchmarkId::new("linear", n), |b| {
+                b.iter(|| {
+                    i = (i + 1) % queries.len();
+                    black_box(linear.best(&queries[i]))
+                })
+            });
+            drop(linear);
         }
-        group.bench_function(BenchmarkId::new("memory", n), |b| {
-            b.iter(|| {
-                i = (i + 1) % queries.len();
-                black_box(memory.decide_now(&queries[i], None).unwrap())
-            })
-        });
 
-        // (c) the Redis script: load by a rebuild, which is also the reindex
-        // throughput and the memory figure.
-        let index = RedisIndex::new(conn.clone(), "bench:", threshold(), 65_536);
-        let (report, per_group) = rt.block_on(async {
-            let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-            let before = used_memory(&mut conn).await;
-            let src = InMemorySource(all.clone(), n, Default::default());
-            let report = index.rebuild(&src, &|_, _| {}).await.unwrap().unwrap();
-            let after = used_memory(&mut conn).await;
-            (report, (after - before) as f64 / n as f64)
-        });
-        println!(
-            "reindex/redis-from-memory/{n}: {:.0} groups/s ({} buckets); redis memory {:.0} bytes/group",
-            n as f64 / report.elapsed.as_secs_f64(),
-            report.buckets,
-            per_group
-        );
-        group.bench_function(BenchmarkId::new("redis", n), |b| {
-            b.iter(|| {
-                i = (i + 1) % queries.len();
-                black_box(rt.block_on(index.decide(&queries[i], None)).unwrap())
-            })
-        });
-        group.bench_function(BenchmarkId::new("ping", n), |b| {
-            b.iter(|| {
-                let _: String = rt
-                    .block_on(redis::cmd("PING").query_async(&mut conn))
-                    .unwrap();
-            })
-        });
-
-        // Founding through the script, timed by hand: each founding grows
-        // the population by one group.
-        let fresh = founders(500, n);
-        let started = Instant::now();
-        let mut next = 10_000_000_000i64;
-        for f in &fresh {
-            next += 1;
-            rt.block_on(index.decide(f, Some(GroupId(next)))).unwrap();
+        if want("memory") {
+            // (b) the in-process index.
+            let memory = MemoryIndex::new(threshold());
+            for (id, a) in groups {
+                memory.insert(*id, a.clone());
+            }
+            group.bench_function(BenchmarkId::new("memory", n), |b| {
+                b.iter(|| {
+                    i = (i + 1) % queries.len();
+                    black_box(memory.decide_now(&queries[i], None).unwrap())
+                })
+            });
         }
-        println!(
-            "found/redis/{n}: {:.1} us per founding (500 foundings)",
-            started.elapsed().as_secs_f64() * 1e6 / fresh.len() as f64
-        );
+
+        if want("redis") {
+            // (c) the Redis script: load by a rebuild, which is also the reindex
+            // throughput and the memory figure.
+            let index = RedisIndex::new(conn.clone(), "bench:", threshold(), 65_536);
+            let (report, per_group) = rt.block_on(async {
+                let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+                let before = used_memory(&mut conn).await;
+                let src = InMemorySource(all.clone(), n, Default::default());
+                let report = index.rebuild(&src, &|_, _| {}).await.unwrap().unwrap();
+                let after = used_memory(&mut conn).await;
+                (report, (after - before) as f64 / n as f64)
+            });
+            println!(
+                "reindex/redis-from-memory/{n}: {:.0} groups/s ({} buckets); redis memory {:.0} bytes/group",
+                n as f64 / report.elapsed.as_secs_f64(),
+                report.buckets,
+                per_group
+            );
+            group.bench_function(BenchmarkId::new("redis", n), |b| {
+                b.iter(|| {
+                    i = (i + 1) % queries.len();
+                    black_box(rt.block_on(index.decide(&queries[i], None)).unwrap())
+                })
+            });
+            group.bench_function(BenchmarkId::new("ping", n), |b| {
+                b.iter(|| {
+                    let _: String = rt
+                        .block_on(redis::cmd("PING").query_async(&mut conn))
+                        .unwrap();
+                })
+            });
+
+            // Founding through the script, timed by hand: each founding grows
+            // the population by one group.
+            let fresh = founders(500, n);
+            let started = Instant::now();
+            let mut next = 10_000_000_000i64;
+            for f in &fresh {
+                next += 1;
+                rt.block_on(index.decide(f, Some(GroupId(next)))).unwrap();
+            }
+            println!(
+                "found/redis/{n}: {:.1} us per founding (500 foundings)",
+                started.elapsed().as_secs_f64() * 1e6 / fresh.len() as f64
+            );
+        }
 
         // (d) the naive script, up to 1e5 groups.
-        if n <= 100_000 {
+        if n <= 100_000 && want("naive-lua") {
             rt.block_on(async {
                 for chunk in groups.chunks(5_000) {
                     let mut p = redis::pipe();
@@ -365,27 +381,28 @@ fn main() {
             });
         }
 
-        // (e) Postgres alone: GIN overlap query, exact overlap, insert when
-        // founding, all under one advisory lock.
-        rt.block_on(async {
-            let sink = pg
-                .copy_in("COPY groups (id, attributes) FROM STDIN")
-                .await
-                .unwrap();
-            let mut buf = String::new();
-            for (id, a) in &all[loaded..n] {
-                buf.push_str(&format!("{}\t{{{}}}\n", id.0, a.to_strings().join(",")));
-            }
-            use futures_util::SinkExt;
-            let mut sink = Box::pin(sink);
-            sink.send(bytes::Bytes::from(buf)).await.unwrap();
-            sink.as_mut().finish().await.unwrap();
-            pg.batch_execute("ANALYZE groups").await.unwrap();
-        });
-        loaded = n;
-        let query = "SELECT id, (SELECT count(*) FROM unnest(attributes) a WHERE a = ANY($1)) AS m \
+        if want("postgres") {
+            // (e) Postgres alone: GIN overlap query, exact overlap, insert when
+            // founding, all under one advisory lock.
+            rt.block_on(async {
+                let sink = pg
+                    .copy_in("COPY groups (id, attributes) FROM STDIN")
+                    .await
+                    .unwrap();
+                let mut buf = String::new();
+                for (id, a) in &all[loaded..n] {
+                    buf.push_str(&format!("{}\t{{{}}}\n", id.0, a.to_strings().join(",")));
+                }
+                use futures_util::SinkExt;
+                let mut sink = Box::pin(sink);
+                sink.send(bytes::Bytes::from(buf)).await.unwrap();
+                sink.as_mut().finish().await.unwrap();
+                pg.batch_execute("ANALYZE groups").await.unwrap();
+            });
+            loaded = n;
+            let query = "SELECT id, (SELECT count(*) FROM unnest(attributes) a WHERE a = ANY($1)) AS m \
                      FROM groups WHERE attributes && $1 ORDER BY m DESC, id LIMIT 1";
-        group.bench_function(BenchmarkId::new("postgres", n), |b| {
+            group.bench_function(BenchmarkId::new("postgres", n), |b| {
             b.iter(|| {
                 i = (i + 1) % queries.len();
                 let attrs = queries[i].to_strings();
@@ -407,16 +424,19 @@ fn main() {
             })
         });
 
-        // Reindex from Postgres, the real path.
-        let report = rt
-            .block_on(index.rebuild(&pg_admin.1, &|_, _| {}))
-            .unwrap()
-            .unwrap();
-        println!(
-            "reindex/redis-from-postgres/{n}: {:.0} groups/s ({} groups)",
-            report.groups as f64 / report.elapsed.as_secs_f64(),
-            report.groups
-        );
+            // Reindex from Postgres, the real path.
+            let index = RedisIndex::new(conn.clone(), "bench:", threshold(), 65_536);
+            let report = rt
+                .block_on(index.rebuild(&pg_admin.1, &|_, _| {}))
+                .unwrap()
+                .unwrap();
+            println!(
+                "reindex/redis-from-postgres/{n}: {:.0} groups/s ({} groups)",
+                report.groups as f64 / report.elapsed.as_secs_f64(),
+                report.groups
+            );
+        }
+
         group.finish();
     }
 

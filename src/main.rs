@@ -12,8 +12,19 @@ use cohort::startup::Application;
 use cohort::store::postgres::PgStore;
 use cohort::telemetry::init_logging;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    cohort::configure_allocator();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+        .block_on(run())
+}
+
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     let (command, settings) = match cli.command {
         None => ("serve", cli.settings),
