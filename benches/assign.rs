@@ -204,7 +204,6 @@ async fn used_memory(conn: &mut redis::aio::ConnectionManager) -> i64 {
 }
 
 fn main() {
-    cohort::configure_allocator();
     let mut c = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_millis(500))
@@ -312,7 +311,9 @@ fn main() {
             let (report, per_group) = rt.block_on(async {
                 let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
                 let before = used_memory(&mut conn).await;
-                let src = InMemorySource(all.clone(), n, Default::default());
+                // Epochs far from the ones Postgres hands out below.
+                let src =
+                    InMemorySource(all.clone(), n, std::sync::atomic::AtomicI64::new(1 << 40));
                 let report = index.rebuild(&src, &|_, _| {}).await.unwrap().unwrap();
                 let after = used_memory(&mut conn).await;
                 (report, (after - before) as f64 / n as f64)

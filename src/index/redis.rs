@@ -226,7 +226,16 @@ impl RedisIndex {
         // against an older epoch, and every group committed is visible.
         let epoch = source.advance_epoch(self.t).await?;
         let total = source.group_count().await?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "rebuild: epoch advanced"
+        );
         let buckets = bucket_count(total, self.t, self.min_buckets);
+        // Keys of this epoch number may survive from a system of record
+        // restored to an older state (its epoch sequence went back): a new
+        // build starts from nothing, or it would merge with them.
+        self.unlink_matching(&format!("{}:e{}:*", glob_escape(&self.base), epoch.0), None)
+            .await?;
         redis::pipe()
             .cmd("HSET")
             .arg(self.meta_key())
@@ -279,6 +288,10 @@ impl RedisIndex {
                 .await
                 .map_err(|e| IndexError::Unavailable(e.to_string()))??;
         }
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "rebuild: groups written"
+        );
         if overlaps {
             // Stored groups overlap (possible after a threshold change): the
             // fast path overwrote some slots. Put every group's id back in
@@ -306,6 +319,10 @@ impl RedisIndex {
             )));
         }
         *self.current.write().expect("meta lock poisoned") = Some(Meta { epoch, buckets });
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "rebuild: switched"
+        );
         let dropped = self.drop_other_epochs(epoch).await?;
         tracing::info!(
             epoch = epoch.0,
@@ -422,31 +439,40 @@ impl RedisIndex {
     }
 
     /// Unlinks every key of an epoch other than `keep` (old generations and
-    /// abandoned builds). SCAN terminates on its own: the loop is bounded.
+    /// abandoned builds).
     async fn drop_other_epochs(&self, keep: Epoch) -> Result<u64, IndexError> {
-        let mut conn = self.conn.clone();
-        let pattern = format!("{}:e*", glob_escape(&self.base));
         let keep_prefix = format!("{}:e{}:", self.base, keep.0);
+        self.unlink_matching(
+            &format!("{}:e*", glob_escape(&self.base)),
+            Some(&keep_prefix),
+        )
+        .await
+    }
+
+    /// Unlinks the keys matching `pattern`, except those starting with
+    /// `keep`. SCAN ends when its cursor comes back to 0: the loop is bounded.
+    async fn unlink_matching(&self, pattern: &str, keep: Option<&str>) -> Result<u64, IndexError> {
+        let mut conn = self.conn.clone();
         let mut cursor: u64 = 0;
         let mut dropped = 0;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(&pattern)
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            let old: Vec<&String> = keys
+            let doomed: Vec<&String> = keys
                 .iter()
-                .filter(|k| !k.starts_with(&keep_prefix))
+                .filter(|k| keep.is_none_or(|p| !k.starts_with(p)))
                 .collect();
-            if !old.is_empty() {
-                dropped += old.len() as u64;
+            if !doomed.is_empty() {
+                dropped += doomed.len() as u64;
                 redis::cmd("UNLINK")
-                    .arg(&old)
+                    .arg(&doomed)
                     .query_async::<()>(&mut conn)
                     .await
                     .map_err(unavailable)?;
