@@ -191,24 +191,29 @@ impl AttributeSet {
     }
 
     pub fn overlap(&self, other: &AttributeSet) -> usize {
-        let (mut i, mut j, mut n) = (0, 0, 0);
-        while i < self.0.len() && j < other.0.len() {
-            match self.0[i].cmp(&other.0[j]) {
-                std::cmp::Ordering::Less => i += 1,
-                std::cmp::Ordering::Greater => j += 1,
-                std::cmp::Ordering::Equal => {
-                    n += 1;
-                    i += 1;
-                    j += 1;
-                }
-            }
-        }
-        n
+        sorted_overlap(&self.0, &other.0)
     }
 
     pub fn to_strings(&self) -> Vec<String> {
         self.0.iter().map(|a| a.0.clone()).collect()
     }
+}
+
+/// Elements two sorted, duplicate-free slices share, in one merge pass.
+pub fn sorted_overlap<T: Ord>(a: &[T], b: &[T]) -> usize {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                n += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    n
 }
 
 impl fmt::Debug for AttributeSet {

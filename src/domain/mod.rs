@@ -2,7 +2,7 @@
 //! grouping rule itself. Nothing in here does I/O, so every rule of the
 //! contract can be tested as plain functions.
 
-mod attribute;
+pub mod attribute;
 pub mod grouping;
 mod password;
 mod signup;

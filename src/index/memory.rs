@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use rustc_hash::FxHashMap;
 
 use super::{Decision, Epoch, GroupIndex, IndexError};
+use crate::domain::attribute::sorted_overlap;
 use crate::domain::grouping::{choose_best, for_each_subset};
 use crate::domain::{AttributeSet, GroupId, Threshold};
 
@@ -196,22 +197,6 @@ impl Inner {
             t,
         )
     }
-}
-
-fn sorted_overlap(a: &[u32], b: &[u32]) -> usize {
-    let (mut i, mut j, mut n) = (0, 0, 0);
-    while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                n += 1;
-                i += 1;
-                j += 1;
-            }
-        }
-    }
-    n
 }
 
 #[async_trait]
