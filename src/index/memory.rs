@@ -2,19 +2,20 @@
 //! in plain Rust with no I/O.
 //!
 //! Attributes are interned to `u32`, so a t-subset is a short sorted list of
-//! integers. For t <= 4 it packs exactly into a `u128`; beyond that the key is
-//! a hash of the list, and a collision only adds a candidate that the exact
-//! overlap check then rejects. Each key maps to a set of group ids (almost
-//! always one), so the index stays correct even if two groups ever shared a
-//! t-subset. One mutex serialises decisions: each takes microseconds.
+//! integers, keyed by a 64-bit hash of that list. A hash collision only adds
+//! a candidate, which the exact overlap check then rejects, so the key need
+//! not be exact. Each key maps to a set of groups (almost always one), so the
+//! index stays correct even if two groups ever shared a t-subset. One mutex
+//! serialises decisions: each takes microseconds.
 //!
-//! The subset and group tables use FxHash: their keys are integers the
-//! index assigned itself, so SipHash's flooding resistance buys nothing
-//! there, and at a million groups it was a third of the lookup time. The
-//! interner, keyed by the strings users send, keeps the default SipHash.
+//! At a million groups the subset table holds ~27 million entries and every
+//! lookup is a cache miss, so entries are kept small: a `u64` key and an
+//! 8-byte slot naming a dense group index (16 bytes, where `u128` keys and a
+//! `Vec` slot took 48). The tables keyed by integers use FxHash: SipHash's
+//! flooding resistance buys nothing for keys the index computes itself. The
+//! interner, keyed by the strings users send, keeps SipHash.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -34,23 +35,42 @@ pub struct MemoryIndex {
 #[derive(Debug, Default)]
 struct Inner {
     interned: HashMap<String, u32>,
-    groups: FxHashMap<GroupId, Group>,
-    subsets: FxHashMap<u128, Slot>,
-    hasher: std::collections::hash_map::RandomState,
+    /// Groups by dense index, in insertion order.
+    groups: Vec<Group>,
+    dense: FxHashMap<GroupId, u32>,
+    subsets: FxHashMap<u64, Slot>,
+    /// Sets of dense indexes for the slots that hold more than one group.
+    shared: Vec<Vec<u32>>,
 }
 
 #[derive(Debug)]
 struct Group {
+    id: GroupId,
     attributes: AttributeSet,
     /// Interned ids of the attributes, sorted.
     ids: Box<[u32]>,
 }
 
-/// The groups under one t-subset key. `One` is the rule's normal case.
-#[derive(Debug, Clone)]
+/// The groups under one t-subset key. `One` is the rule's normal case;
+/// `Many` points into `Inner::shared`.
+#[derive(Debug, Clone, Copy)]
 enum Slot {
-    One(GroupId),
-    Many(Vec<GroupId>),
+    One(u32),
+    Many(u32),
+}
+
+/// A 64-bit hash of a sorted id list (FNV-1a over the ids, then a
+/// splitmix64 finaliser to spread the bits).
+fn subset_key(subset: &[u32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in subset {
+        h = (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 impl MemoryIndex {
@@ -97,13 +117,13 @@ impl MemoryIndex {
     ) -> Result<Decision, IndexError> {
         let mut inner = self.inner.lock().expect("index mutex poisoned");
         if let Some((id, _)) = inner.best(self.t, attrs) {
-            let attributes = inner.groups[&id].attributes.clone();
+            let attributes = inner.groups[inner.dense[&id] as usize].attributes.clone();
             return Ok(Decision::Join { id, attributes });
         }
         match found_with {
             None => Ok(Decision::NoMatch),
             Some(id) => {
-                if inner.groups.contains_key(&id) {
+                if inner.dense.contains_key(&id) {
                     return Err(IndexError::Corrupt(format!(
                         "group id {id} is already in the index"
                     )));
@@ -125,44 +145,40 @@ impl Inner {
         id
     }
 
-    fn key(&self, subset: &[u32]) -> u128 {
-        if subset.len() <= 4 {
-            subset
-                .iter()
-                .fold(0u128, |k, &x| (k << 32) | u128::from(x + 1))
-        } else {
-            let mut h = self.hasher.build_hasher();
-            subset.hash(&mut h);
-            let lo = h.finish();
-            subset.len().hash(&mut h);
-            (u128::from(h.finish()) << 64) | u128::from(lo)
-        }
-    }
-
     fn insert(&mut self, t: Threshold, id: GroupId, attrs: AttributeSet) {
         let mut ids: Vec<u32> = attrs.iter().map(|a| self.intern(a.as_str())).collect();
         ids.sort_unstable();
+        let dense = u32::try_from(self.groups.len()).expect("fewer than 2^32 groups");
         let mut buf = Vec::with_capacity(t.get());
         for_each_subset(ids.len(), t.get(), |s| {
             buf.clear();
             buf.extend(s.iter().map(|&i| ids[i]));
-            let key = self.key(&buf);
-            self.subsets
-                .entry(key)
-                .and_modify(|slot| match slot {
-                    Slot::One(g) if *g != id => *slot = Slot::Many(vec![*g, id]),
-                    Slot::Many(v) if !v.contains(&id) => v.push(id),
-                    _ => {}
-                })
-                .or_insert(Slot::One(id));
+            let key = subset_key(&buf);
+            match self.subsets.get_mut(&key) {
+                None => {
+                    self.subsets.insert(key, Slot::One(dense));
+                }
+                Some(Slot::One(g)) if *g != dense => {
+                    let set =
+                        u32::try_from(self.shared.len()).expect("fewer than 2^32 shared slots");
+                    self.shared.push(vec![*g, dense]);
+                    self.subsets.insert(key, Slot::Many(set));
+                }
+                Some(Slot::Many(set)) => {
+                    let v = &mut self.shared[*set as usize];
+                    if !v.contains(&dense) {
+                        v.push(dense);
+                    }
+                }
+                Some(Slot::One(_)) => {}
+            }
         });
-        self.groups.insert(
+        self.dense.insert(id, dense);
+        self.groups.push(Group {
             id,
-            Group {
-                attributes: attrs,
-                ids: ids.into_boxed_slice(),
-            },
-        );
+            attributes: attrs,
+            ids: ids.into_boxed_slice(),
+        });
     }
 
     /// Candidates are the groups hit by at least one of the user's
@@ -177,23 +193,24 @@ impl Inner {
             return None;
         }
         ids.sort_unstable();
-        let mut candidates: Vec<GroupId> = Vec::new();
+        let mut candidates: Vec<u32> = Vec::new();
         let mut buf = Vec::with_capacity(t.get());
         for_each_subset(ids.len(), t.get(), |s| {
             buf.clear();
             buf.extend(s.iter().map(|&i| ids[i]));
-            match self.subsets.get(&self.key(&buf)) {
+            match self.subsets.get(&subset_key(&buf)) {
                 None => {}
                 Some(Slot::One(g)) => candidates.push(*g),
-                Some(Slot::Many(v)) => candidates.extend_from_slice(v),
+                Some(Slot::Many(set)) => candidates.extend_from_slice(&self.shared[*set as usize]),
             }
         });
         candidates.sort_unstable();
         candidates.dedup();
         choose_best(
-            candidates
-                .into_iter()
-                .map(|g| (g, sorted_overlap(&self.groups[&g].ids, &ids))),
+            candidates.into_iter().map(|g| {
+                let group = &self.groups[g as usize];
+                (group.id, sorted_overlap(&group.ids, &ids))
+            }),
             t,
         )
     }
