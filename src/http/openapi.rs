@@ -37,8 +37,12 @@ impl Modify for BearerAuth {
     }
 }
 
-pub fn spec_json() -> String {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .expect("the spec serialises")
+/// The spec as JSON, built once: it never changes while the process runs.
+pub fn spec_json() -> &'static str {
+    static SPEC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SPEC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .expect("the spec serialises")
+    })
 }
