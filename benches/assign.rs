@@ -5,15 +5,16 @@
 //! - `memory`: cohort's in-process t-subset index;
 //! - `redis`: cohort's Lua script, one round trip on loopback;
 //! - `naive-lua`: a Lua script that SINTERCARDs every group's Redis set;
-//! - `postgres`: a GIN overlap query (and an insert when founding) under an
-//!   advisory lock, Postgres alone.
+//! - `postgres`: the exact decision from Postgres's subset table alone, what
+//!   signups use while Redis is missing, partial or being rebuilt.
 //!
 //! Each signup is a joiner: three or four attributes of an existing group
 //! plus fresh ones from the generator, the steady state of a mature
 //! population; nothing is written, so the population stays the size named.
-//! `ping/redis` is a plain round trip measured in the same run. Founding,
-//! Redis memory per group and reindex throughput are printed as lines of
-//! their own.
+//! `ping/redis` is a plain round trip measured in the same run. Founding
+//! (the subset table's inserts at 6 and 16 attributes), the whole signup
+//! path less argon2, Redis memory per group and reindex throughput are
+//! printed as lines of their own.
 //!
 //! Run: `cargo bench --bench assign -- --output-format bencher`
 //! (`COHORT_BENCH_MAX_GROUPS=100000` for a shorter run). Needs the local
@@ -28,12 +29,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cohort::domain::grouping::LinearScan;
-use cohort::domain::{AttributeRules, AttributeSet, GroupId, Threshold};
+use cohort::domain::grouping::{LinearScan, subset_keys};
+use cohort::domain::{AttributeRules, AttributeSet, GroupId, Threshold, Username};
 use cohort::index::memory::MemoryIndex;
-use cohort::index::redis::{self as redis_index, RedisIndex};
-use cohort::index::{Decision, Epoch, GroupIndex, IndexError, IndexSource, RebuildLock};
+use cohort::index::redis::RedisIndex;
+use cohort::index::redis::conn::RedisConn;
+use cohort::index::{IndexError, IndexMarks, IndexSource, SyncLock};
 use cohort::store::postgres::PgStore;
+use cohort::store::{NewUser, Plan, Store};
 use criterion::{BenchmarkId, Criterion};
 use population::Population;
 use rand::{RngExt, SeedableRng};
@@ -60,9 +63,9 @@ fn build_groups(n: usize) -> Vec<(GroupId, AttributeSet)> {
         let Ok(user) = AttributeSet::parse(&pop.user(), RULES) else {
             continue;
         };
-        if let Decision::NoMatch = index.decide_now(&user, None).unwrap() {
+        if index.best_now(&user).is_none() {
             let id = GroupId(groups.len() as i64 + 1);
-            index.decide_now(&user, Some(id)).unwrap();
+            index.add_now(id, user.clone());
             groups.push((id, user));
             if groups.len().is_power_of_two() || groups.len() % 100_000 == 0 {
                 eprintln!(
@@ -102,25 +105,10 @@ fn founders(count: usize, tag: usize) -> Vec<AttributeSet> {
 }
 
 /// The population as an index source, for loading Redis without Postgres.
-struct InMemorySource(
-    Arc<Vec<(GroupId, AttributeSet)>>,
-    usize,
-    std::sync::atomic::AtomicI64,
-);
+struct InMemorySource(Arc<Vec<(GroupId, AttributeSet)>>, usize);
 
 #[async_trait]
 impl IndexSource for InMemorySource {
-    async fn lock_rebuild(&self, _: Threshold) -> Result<Option<RebuildLock>, IndexError> {
-        Ok(Some(RebuildLock(Box::new(()))))
-    }
-    async fn advance_epoch(&self, _: Threshold) -> Result<Epoch, IndexError> {
-        Ok(Epoch(
-            self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1,
-        ))
-    }
-    async fn current_epoch(&self, _: Threshold) -> Result<Option<Epoch>, IndexError> {
-        Ok(None)
-    }
     async fn group_count(&self) -> Result<u64, IndexError> {
         Ok(self.1 as u64)
     }
@@ -131,6 +119,24 @@ impl IndexSource for InMemorySource {
     ) -> Result<Vec<(GroupId, AttributeSet)>, IndexError> {
         let start = after.map_or(0, |g| g.0 as usize);
         Ok(self.0[start.min(self.1)..(start + limit).min(self.1)].to_vec())
+    }
+    async fn unindexed_groups(&self, _: usize) -> Result<Vec<(GroupId, AttributeSet)>, IndexError> {
+        Ok(Vec::new())
+    }
+    async fn mark_indexed(&self, _: &[GroupId]) -> Result<(), IndexError> {
+        Ok(())
+    }
+    async fn marks(&self) -> Result<IndexMarks, IndexError> {
+        Ok(IndexMarks::default())
+    }
+    async fn mark_dirty(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
+    async fn mark_synced(&self, _: i64, _: &str) -> Result<(), IndexError> {
+        Ok(())
+    }
+    async fn lock_sync(&self) -> Result<Option<SyncLock>, IndexError> {
+        Ok(Some(SyncLock(Box::new(()))))
     }
 }
 
@@ -191,7 +197,7 @@ end
 return best
 "#;
 
-async fn used_memory(conn: &mut redis::aio::ConnectionManager) -> i64 {
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> i64 {
     let info: String = redis::cmd("INFO")
         .arg("memory")
         .query_async(conn)
@@ -255,17 +261,22 @@ fn main() {
             .await
             .unwrap();
         tokio::spawn(conn);
-        let store = PgStore::connect(&url, 4).unwrap();
+        let store = PgStore::connect(&url, 4, threshold()).unwrap();
         store.migrate().await.unwrap();
-        pg.batch_execute("CREATE INDEX groups_attributes_gin ON groups USING gin (attributes)")
-            .await
-            .unwrap();
+        store.ensure_deployment(threshold()).await.unwrap();
         ((client, store), pg)
     });
 
     let redis_srv = PrivateRedis::start();
     let redis_url = format!("redis://127.0.0.1:{}", redis_srv.1);
-    let mut conn = rt.block_on(redis_index::connect(&redis_url)).unwrap();
+    let mut conn = rt
+        .block_on(
+            redis::Client::open(redis_url.as_str())
+                .unwrap()
+                .get_multiplexed_async_connection(),
+        )
+        .unwrap();
+    let redis_conn = Arc::new(RedisConn::new(&redis_url, Duration::from_secs(30)).unwrap());
     let naive = redis::Script::new(NAIVE_LUA);
 
     let mut loaded = 0;
@@ -286,7 +297,7 @@ fn main() {
             group.bench_function(BenchmarkId::new("memory", n), |b| {
                 b.iter(|| {
                     i = (i + 1) % queries.len();
-                    black_box(memory.decide_now(&queries[i], None).unwrap())
+                    black_box(memory.best_now(&queries[i]))
                 })
             });
         }
@@ -307,16 +318,14 @@ fn main() {
         }
 
         if want("redis") {
-            // (c) the Redis script: load by a rebuild, which is also the reindex
-            // throughput and the memory figure.
-            let index = RedisIndex::new(conn.clone(), "bench:", threshold(), 65_536);
+            // (c) the Redis script: loaded by a sync, which is also the
+            // reindex throughput and the memory figure.
+            let index = RedisIndex::new(redis_conn.clone(), "bench:", threshold());
             let (report, per_group) = rt.block_on(async {
                 let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
                 let before = used_memory(&mut conn).await;
-                // Epochs far from the ones Postgres hands out below.
-                let src =
-                    InMemorySource(all.clone(), n, std::sync::atomic::AtomicI64::new(1 << 40));
-                let report = index.rebuild(&src, &|_, _| {}).await.unwrap().unwrap();
+                let src = InMemorySource(all.clone(), n);
+                let report = index.sync(&src, 65_536, &|_, _| {}).await.unwrap();
                 let after = used_memory(&mut conn).await;
                 (report, (after - before) as f64 / n as f64)
             });
@@ -329,7 +338,7 @@ fn main() {
             group.bench_function(BenchmarkId::new("redis", n), |b| {
                 b.iter(|| {
                     i = (i + 1) % queries.len();
-                    black_box(rt.block_on(index.decide(&queries[i], None)).unwrap())
+                    black_box(rt.block_on(index.decide(&queries[i])).unwrap().best)
                 })
             });
             group.bench_function(BenchmarkId::new("ping", n), |b| {
@@ -340,17 +349,18 @@ fn main() {
                 })
             });
 
-            // Founding through the script, timed by hand: each founding grows
+            // The add after a founding's commit, timed by hand: each grows
             // the population by one group.
             let fresh = founders(500, n);
             let started = Instant::now();
             let mut next = 10_000_000_000i64;
             for f in &fresh {
                 next += 1;
-                rt.block_on(index.decide(f, Some(GroupId(next)))).unwrap();
+                rt.block_on(index.add_groups(&[(GroupId(next), f.clone())]))
+                    .unwrap();
             }
             println!(
-                "found/redis/{n}: {:.1} us per founding (500 foundings)",
+                "found/redis-add/{n}: {:.1} us per added group (500 groups)",
                 started.elapsed().as_secs_f64() * 1e6 / fresh.len() as f64
             );
         }
@@ -385,59 +395,114 @@ fn main() {
         }
 
         if want("postgres") {
-            // (e) Postgres alone: GIN overlap query, exact overlap, insert when
-            // founding, all under one advisory lock.
+            // (e) Postgres alone: the exact decision from the subset table.
+            // Groups and their subsets are loaded with COPY, not through the
+            // API.
+            let store = &pg_admin.1;
             rt.block_on(async {
-                let sink = pg
-                    .copy_in("COPY groups (id, attributes) FROM STDIN")
-                    .await
-                    .unwrap();
-                let mut buf = String::new();
-                for (id, a) in &all[loaded..n] {
-                    buf.push_str(&format!("{}\t{{{}}}\n", id.0, a.to_strings().join(",")));
-                }
                 use futures_util::SinkExt;
-                let mut sink = Box::pin(sink);
-                sink.send(bytes::Bytes::from(buf)).await.unwrap();
-                sink.as_mut().finish().await.unwrap();
-                pg.batch_execute("ANALYZE groups").await.unwrap();
+                let mut gbuf = String::new();
+                let mut sbuf = String::new();
+                for (id, a) in &all[loaded..n] {
+                    gbuf.push_str(&format!("{}\t{{{}}}\tt\n", id.0, a.to_strings().join(",")));
+                    for k in subset_keys(a, threshold()) {
+                        let hex: String = k.iter().map(|b| format!("{b:02x}")).collect();
+                        sbuf.push_str(&format!("3\t\\\\x{hex}\t{}\n", id.0));
+                    }
+                }
+                for (sql, buf) in [
+                    ("COPY groups (id, attributes, indexed) FROM STDIN", gbuf),
+                    (
+                        "COPY group_subsets (threshold, subset, group_id) FROM STDIN",
+                        sbuf,
+                    ),
+                ] {
+                    let sink = pg.copy_in(sql).await.unwrap();
+                    let mut sink = Box::pin(sink);
+                    sink.send(bytes::Bytes::from(buf)).await.unwrap();
+                    sink.as_mut().finish().await.unwrap();
+                }
+                pg.batch_execute(&format!(
+                    "ANALYZE groups; ANALYZE group_subsets; SELECT setval('group_ids', {})",
+                    n + 1
+                ))
+                .await
+                .unwrap();
             });
             loaded = n;
-            let query = "SELECT id, (SELECT count(*) FROM unnest(attributes) a WHERE a = ANY($1)) AS m \
-                     FROM groups WHERE attributes && $1 ORDER BY m DESC, id LIMIT 1";
             group.bench_function(BenchmarkId::new("postgres", n), |b| {
-            b.iter(|| {
-                i = (i + 1) % queries.len();
-                let attrs = queries[i].to_strings();
-                rt.block_on(async {
-                    pg.batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242)").await.unwrap();
-                    let row = pg.query_opt(query, &[&attrs]).await.unwrap();
-                    let joins = row.as_ref().is_some_and(|r| r.get::<_, i64>(1) >= 3);
-                    if !joins {
-                        pg.execute(
-                            "INSERT INTO groups (id, attributes) VALUES (nextval('group_ids') + 100000000, $1)",
-                            &[&attrs],
-                        )
-                        .await
-                        .unwrap();
-                    }
-                    pg.batch_execute("COMMIT").await.unwrap();
-                    black_box(row)
+                b.iter(|| {
+                    i = (i + 1) % queries.len();
+                    black_box(rt.block_on(store.best_group(&queries[i])).unwrap())
                 })
-            })
-        });
+            });
 
-            // Reindex from Postgres, the real path.
-            let index = RedisIndex::new(conn.clone(), "bench:", threshold(), 65_536);
-            let report = rt
-                .block_on(index.rebuild(&pg_admin.1, &|_, _| {}))
-                .unwrap()
-                .unwrap();
-            println!(
-                "reindex/redis-from-postgres/{n}: {:.0} groups/s ({} groups)",
-                report.groups as f64 / report.elapsed.as_secs_f64(),
-                report.groups
-            );
+            // Founding: the group, its C(k, 3) subsets and the founder in
+            // one transaction, at 6 and at 16 attributes.
+            for k in [6usize, 16] {
+                let fresh: Vec<AttributeSet> = (0..200)
+                    .map(|j| {
+                        let raw: Vec<String> =
+                            (0..k).map(|x| format!("found-{n}-{k}-{j}-{x}")).collect();
+                        AttributeSet::parse(&raw, RULES).unwrap()
+                    })
+                    .collect();
+                let started = Instant::now();
+                for (j, f) in fresh.iter().enumerate() {
+                    rt.block_on(store.commit_signup(&NewUser {
+                        username: Username::parse(&format!("f{n}k{k}n{j}")).unwrap(),
+                        password_hash: "x".into(),
+                        attributes: f.clone(),
+                        plan: Plan::Found,
+                        decided_in_index: false,
+                        idempotency: None,
+                    }))
+                    .unwrap();
+                }
+                println!(
+                    "found/postgres-commit/{n}/k={k}: {:.0} us per founding (200, serial)",
+                    started.elapsed().as_secs_f64() * 1e6 / fresh.len() as f64
+                );
+            }
+
+            // The whole signup path less argon2, one replica, serial: decide
+            // in Redis, commit, add when founding.
+            if want("redis") {
+                let index = RedisIndex::new(redis_conn.clone(), "bench:", threshold());
+                let started = Instant::now();
+                let count = 500;
+                for (j, q) in queries
+                    .iter()
+                    .take(count / 2)
+                    .chain(founders(count / 2, n + 7).iter())
+                    .enumerate()
+                {
+                    rt.block_on(async {
+                        let best = index.decide(q).await.unwrap().best;
+                        let c = store
+                            .commit_signup(&NewUser {
+                                username: Username::parse(&format!("p{n}n{j}")).unwrap(),
+                                password_hash: "x".into(),
+                                attributes: q.clone(),
+                                plan: best.map_or(Plan::Found, Plan::Join),
+                                decided_in_index: true,
+                                idempotency: None,
+                            })
+                            .await
+                            .unwrap();
+                        if c.founded {
+                            index
+                                .add_groups(&[(c.user.group_id, c.group_attributes.clone())])
+                                .await
+                                .unwrap();
+                        }
+                    });
+                }
+                println!(
+                    "signup-path/{n}: {:.0} us per signup less argon2 (250 joins + 250 foundings, serial)",
+                    started.elapsed().as_secs_f64() * 1e6 / count as f64
+                );
+            }
         }
 
         group.finish();

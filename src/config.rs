@@ -38,8 +38,23 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
-    /// Rebuild the shared group index from the system of record, then exit.
+    /// Bring the shared group index level with the system of record, then
+    /// exit. Idempotent; quick when the index is already current. Serving
+    /// replicas go on meanwhile.
     Reindex {
+        /// Drop the index first and build it anew (also resizes its buckets
+        /// to the population). Signups decide from the database meanwhile.
+        #[arg(long)]
+        from_scratch: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Change the deployment's match threshold: rebuilds the subset table and
+    /// marks the index for a rebuild. Existing groups keep their members;
+    /// replicas still configured with the old threshold refuse signups.
+    SetThreshold {
+        /// The new threshold.
+        threshold: usize,
         #[command(flatten)]
         settings: Settings,
     },

@@ -25,10 +25,16 @@ pub enum AppError {
     Validation(Vec<FieldError>),
     #[error("too many attempts; retry in {retry_after} seconds")]
     RateLimited { retry_after: u64 },
-    /// A backing service is down or the index is being rebuilt. Nothing was
-    /// written, so retrying is safe.
+    /// A backing service is down. Nothing was written, so retrying is safe.
     #[error("{0}")]
     Unavailable(String),
+    /// The same Idempotency-Key was used with another request body.
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
+    /// A configuration error that only an operator can fix; the message says
+    /// how.
+    #[error("{0}")]
+    Misconfigured(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -38,33 +44,23 @@ impl From<crate::store::StoreError> for AppError {
         use crate::store::StoreError::*;
         match e {
             UsernameTaken => AppError::UsernameTaken,
-            StaleIndex => {
-                AppError::Unavailable("the group index is being rebuilt; retry shortly".into())
-            }
             Unavailable(m) => {
                 tracing::warn!(error = %m, "database unavailable");
                 AppError::Unavailable("the database is unavailable; retry shortly".into())
             }
-            Corrupt(m) => AppError::Internal(m),
-        }
-    }
-}
-
-impl From<crate::index::IndexError> for AppError {
-    fn from(e: crate::index::IndexError) -> Self {
-        use crate::index::IndexError::*;
-        match e {
-            NotReady(_) => {
-                AppError::Unavailable("the group index is being rebuilt; retry shortly".into())
+            ThresholdMismatch {
+                deployed,
+                configured,
+            } => {
+                tracing::error!(deployed, configured, "threshold mismatch: signups refused");
+                AppError::Misconfigured(format!(
+                    "this replica is configured with COHORT_MATCH_THRESHOLD={configured} but the \
+                     deployment groups with {deployed}; signups are refused. Configure {deployed}, \
+                     or change the deployment's threshold with `cohort set-threshold {configured}`"
+                ))
             }
-            Unavailable(m) => {
-                tracing::warn!(error = %m, "group index unavailable");
-                AppError::Unavailable("the group index is unavailable; retry shortly".into())
-            }
-            IdSource(m) => {
-                tracing::warn!(error = %m, "group id allocation failed");
-                AppError::Unavailable("the database is unavailable; retry shortly".into())
-            }
+            // The protocol retries these itself; reaching here is a bug.
+            Overlap | IndexDirty | IdempotencyKeyTaken => AppError::Internal(e.to_string()),
             Corrupt(m) => AppError::Internal(m),
         }
     }

@@ -5,17 +5,20 @@
 //! - `index`: the group index (in-process, Redis);
 //! - `store`: the system of record (Postgres, embedded SQLite);
 //! - `auth`: password hashing and tokens;
-//! - `service`: the use cases, in the order that keeps data consistent;
+//! - `signup`: the signup protocol, its steps and failure analysis;
+//! - `service`: the use cases behind the API;
 //! - `http`: the API; `config`, `telemetry`, `startup`: wiring.
 
 pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod failpoint;
 pub mod http;
 pub mod index;
 pub mod ratelimit;
 pub mod service;
+pub mod signup;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -7,8 +7,12 @@ use std::sync::Arc;
 use clap::Parser;
 
 use cohort::config::{Cli, Command, Config, Mode};
-use cohort::index::redis::{self as redis_index, RedisIndex};
+use cohort::domain::Threshold;
+use cohort::index::IndexSource;
+use cohort::index::redis::RedisIndex;
+use cohort::index::redis::conn::RedisConn;
 use cohort::startup::Application;
+use cohort::store::Store;
 use cohort::store::postgres::PgStore;
 use cohort::telemetry::init_logging;
 
@@ -22,43 +26,39 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (command, settings) = match cli.command {
-        None => ("serve", cli.settings),
-        Some(Command::Serve {
-            no_migrate,
-            settings,
-        }) => (
-            if no_migrate {
-                "serve-no-migrate"
-            } else {
-                "serve"
-            },
-            settings,
-        ),
-        Some(Command::Migrate { settings }) => ("migrate", settings),
-        Some(Command::Reindex { settings }) => ("reindex", settings),
-        Some(Command::Verify { settings }) => ("verify", settings),
+    let command = cli.command.unwrap_or(Command::Serve {
+        no_migrate: false,
+        settings: cli.settings,
+    });
+    let (name, settings) = match &command {
+        Command::Serve { settings, .. } => ("serve", settings),
+        Command::Migrate { settings } => ("migrate", settings),
+        Command::Reindex { settings, .. } => ("reindex", settings),
+        Command::Verify { settings } => ("verify", settings),
+        Command::SetThreshold { settings, .. } => ("set-threshold", settings),
     };
-    let config = match settings.validate() {
+    let config = match settings.clone().validate() {
         Ok(c) => c,
         Err(msg) => {
             eprintln!("cohort: {msg}");
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.settings.log_format, !command.starts_with("serve"));
+    init_logging(&config.settings.log_format, name != "serve");
     let result = match command {
-        "serve" | "serve-no-migrate" => serve(config, command == "serve").await,
-        "migrate" => migrate(config).await,
-        "reindex" => reindex(config).await,
-        _ => verify(config).await,
+        Command::Serve { no_migrate, .. } => serve(config, !no_migrate).await,
+        Command::Migrate { .. } => migrate(config).await,
+        Command::Reindex { from_scratch, .. } => reindex(config, from_scratch).await,
+        Command::Verify { .. } => verify(config).await,
+        Command::SetThreshold { threshold, .. } => set_threshold(config, threshold).await,
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "cohort {command} failed");
+            tracing::error!(error = format!("{e:#}"), "cohort {name} failed");
             eprintln!("cohort: {e:#}");
-            ExitCode::FAILURE
+            // `verify` promises 2 for "could not run"; the others use 1.
+            ExitCode::from(if name == "verify" { 2 } else { 1 })
         }
     }
 }
@@ -73,7 +73,7 @@ async fn serve(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
 fn pg(config: &Config) -> anyhow::Result<Option<PgStore>> {
     match &config.mode {
         Mode::Distributed { database_url, .. } => Ok(Some(
-            PgStore::connect(database_url, 4).map_err(|e| anyhow::anyhow!(e))?,
+            PgStore::connect(database_url, 4, config.threshold).map_err(|e| anyhow::anyhow!(e))?,
         )),
         Mode::Embedded { .. } => Ok(None),
     }
@@ -94,20 +94,20 @@ async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn redis(config: &Config) -> anyhow::Result<RedisIndex> {
+fn redis(config: &Config) -> anyhow::Result<RedisIndex> {
     let Mode::Distributed { redis_url, .. } = &config.mode else {
         unreachable!("checked by the caller")
     };
-    let conn = redis_index::connect(redis_url).await?;
+    let conn = RedisConn::new(redis_url, std::time::Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!(e))?;
     Ok(RedisIndex::new(
-        conn,
+        Arc::new(conn),
         &config.settings.redis_prefix,
         config.threshold,
-        config.settings.index_buckets,
     ))
 }
 
-async fn reindex(config: Config) -> anyhow::Result<ExitCode> {
+async fn reindex(config: Config, from_scratch: bool) -> anyhow::Result<ExitCode> {
     let Some(store) = pg(&config)? else {
         println!(
             "embedded mode: the in-process index is rebuilt from the database at every start; nothing to do"
@@ -115,32 +115,78 @@ async fn reindex(config: Config) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     store.migrate().await.map_err(|e| anyhow::anyhow!(e))?;
-    let index = redis(&config).await?;
+    let deployed = store.ensure_deployment(config.threshold).await?;
+    if deployed != config.threshold.get() {
+        anyhow::bail!(
+            "the deployment's threshold is {deployed}, not {}: run with COHORT_MATCH_THRESHOLD={deployed}",
+            config.threshold.get()
+        );
+    }
+    let index = redis(&config)?;
+    let Some(_lock) = store.lock_sync().await? else {
+        eprintln!(
+            "cohort: another process is syncing the index right now; try again when it is done"
+        );
+        return Ok(ExitCode::from(3));
+    };
+    // Every dirty mark up to here is covered by the sync below.
+    let marks = store.marks().await?;
+    let (server, _) = index.server_identity().await?;
+    if from_scratch {
+        // Readers stop trusting the index at once (dirty), then it goes.
+        store.mark_dirty().await?;
+        let dropped = index.drop_all().await?;
+        tracing::info!(dropped, "index dropped");
+    }
+    let marks = if from_scratch {
+        store.marks().await?
+    } else {
+        marks
+    };
     let progress = Progress::new();
-    let report = index
-        .rebuild(&store, &|done, total| progress.update(done, total))
+    let r = index
+        .sync(&store, config.settings.index_buckets, &|done, total| {
+            progress.update(done, total)
+        })
         .await?;
     progress.finish();
-    match report {
-        Some(r) => {
-            let rate = r.groups as f64 / r.elapsed.as_secs_f64().max(1e-9);
-            println!(
-                "reindexed {} groups into epoch {} ({} buckets) in {:.2}s: {:.0} groups/s",
-                r.groups,
-                r.epoch.0,
-                r.buckets,
-                r.elapsed.as_secs_f64(),
-                rate
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        None => {
-            eprintln!(
-                "cohort: another process is rebuilding the index right now; try again when it is done"
-            );
-            Ok(ExitCode::from(3))
-        }
+    store.mark_synced(marks.dirty, &server).await?;
+    let rate = r.full_pass as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    if r.full_pass == 0 {
+        println!(
+            "index already current; {} unconfirmed groups added ({} buckets, {:.2}s)",
+            r.unindexed,
+            r.buckets,
+            r.elapsed.as_secs_f64()
+        );
+    } else {
+        println!(
+            "reindexed {} groups ({} buckets) in {:.2}s: {:.0} groups/s",
+            r.full_pass,
+            r.buckets,
+            r.elapsed.as_secs_f64(),
+            rate
+        );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn set_threshold(config: Config, threshold: usize) -> anyhow::Result<ExitCode> {
+    let t = Threshold::new(threshold, config.rules.max).map_err(|e| anyhow::anyhow!(e))?;
+    let Some(store) = pg(&config)? else {
+        anyhow::bail!(
+            "embedded mode: stop cohort, then start it with COHORT_MATCH_THRESHOLD={threshold} after \
+             moving the data directory aside (its groups were formed under another threshold)"
+        );
+    };
+    store.migrate().await.map_err(|e| anyhow::anyhow!(e))?;
+    let (old, groups) = store.set_threshold(t).await?;
+    println!(
+        "threshold changed from {old} to {threshold}; subset table rebuilt for {groups} groups. \
+         Roll the replicas out with COHORT_MATCH_THRESHOLD={threshold}; the index for the new \
+         threshold is built by the first of them (signups decide from the database meanwhile)."
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn verify(config: Config) -> anyhow::Result<ExitCode> {
@@ -150,7 +196,7 @@ async fn verify(config: Config) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     };
-    let index = redis(&config).await?;
+    let index = redis(&config)?;
     let report = index.verify(&store).await?;
     if report.problems.is_empty() {
         println!(

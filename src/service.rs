@@ -1,6 +1,6 @@
 //! The use cases behind the HTTP API: signup, signin, and reading one's own
-//! user and group. Handlers stay thin; the order of the steps of a signup
-//! (see `store::postgres` for why it is safe) lives here, once for both modes.
+//! user and group. Handlers stay thin; the steps of a signup and why their
+//! order is safe live in `crate::signup`, once for both modes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::auth::{PasswordHasher, Tokens};
-use crate::domain::grouping::Placement;
 use crate::domain::{AttributeRules, AttributeSet, GroupId, Signup, Threshold, UserId, Username};
 use crate::error::AppError;
-use crate::index::{GroupIndex, IndexError};
+use crate::index::health::{IndexState, SharedIndex};
 use crate::ratelimit::RateLimiter;
-use crate::store::{GroupInfo, Member, NewUser, Store, StoreError, UserRecord};
+use crate::signup::{Outcome, SignupProtocol};
+use crate::store::{GroupInfo, IdempotencyRecord, Member, Store, UserRecord};
 use crate::telemetry::Metrics;
 
 const SIGNIN_WINDOW: Duration = Duration::from_secs(15 * 60);
@@ -21,7 +21,9 @@ const SIGNUP_WINDOW: Duration = Duration::from_secs(60);
 
 pub struct Service {
     pub store: Arc<dyn Store>,
-    pub index: Arc<dyn GroupIndex>,
+    pub protocol: SignupProtocol,
+    /// Distributed mode: the shared index and its health.
+    pub shared_index: Option<Arc<SharedIndex>>,
     pub hasher: PasswordHasher,
     pub tokens: Tokens,
     pub limiter: Arc<dyn RateLimiter>,
@@ -30,13 +32,6 @@ pub struct Service {
     pub threshold: Threshold,
     pub signin_max_failures: u32,
     pub signup_rate_limit: u32,
-    /// Called when the index is found lost or stale: starts a rebuild.
-    pub on_index_lost: Arc<dyn Fn() + Send + Sync>,
-}
-
-pub struct SignupOutcome {
-    pub user: UserRecord,
-    pub placement: Placement,
 }
 
 pub struct GroupView {
@@ -54,16 +49,19 @@ fn limiter_key(kind: &str, id: &str) -> String {
 }
 
 impl Service {
-    fn index_lost(&self) {
-        self.metrics.index_unavailable.inc();
-        (self.on_index_lost)();
+    /// The state of the group index, for `/readyz` and the metrics.
+    pub fn index_state(&self) -> IndexState {
+        self.shared_index
+            .as_ref()
+            .map_or(IndexState::Ready, |s| s.state())
     }
 
     pub async fn signup(
         &self,
         signup: Signup,
         client: Option<&str>,
-    ) -> Result<SignupOutcome, AppError> {
+        idempotency_key: Option<String>,
+    ) -> Result<Outcome, AppError> {
         if self.signup_rate_limit > 0 {
             let key = limiter_key("signup", client.unwrap_or("unknown"));
             if let Some(retry_after) = self.limiter.blocked(&key, self.signup_rate_limit).await {
@@ -71,57 +69,41 @@ impl Service {
             }
             self.limiter.record(&key, SIGNUP_WINDOW).await;
         }
-        // Cheap checks before the expensive hash, and before the index may
-        // found a group for a signup that cannot succeed.
+        let idempotency = idempotency_key.map(|key| IdempotencyRecord {
+            fingerprint: self.protocol.fingerprint(&signup),
+            key,
+        });
+        if let Some(k) = &idempotency
+            && let Some(replayed) = self.protocol.replay(&k.key, &k.fingerprint).await?
+        {
+            return Ok(replayed);
+        }
+        // Cheap checks before the expensive hash.
         if self.store.username_taken(&signup.username).await? {
             return Err(AppError::UsernameTaken);
         }
         let password_hash = self.hasher.hash(&signup.password).await;
 
         let started = Instant::now();
-        let assignment = self
-            .index
-            .assign(&signup.attributes, self.store.as_ref())
+        let outcome = self
+            .protocol
+            .place(&signup, password_hash, idempotency)
             .await;
         self.metrics
             .assign_seconds
             .observe(started.elapsed().as_secs_f64());
-        let assignment = assignment.map_err(|e| {
-            if matches!(e, IndexError::NotReady(_)) {
-                self.index_lost();
-            }
-            AppError::from(e)
-        })?;
-
-        let new_user = NewUser {
-            username: signup.username,
-            password_hash,
-            attributes: signup.attributes,
-            placement: assignment.placement.clone(),
-            epoch: assignment.epoch.map(|e| (self.threshold, e)),
-        };
-        let user = self.store.create_user(&new_user).await.map_err(|e| {
-            if matches!(e, StoreError::StaleIndex) {
-                self.index_lost();
-            }
-            AppError::from(e)
-        })?;
-        let outcome = if assignment.placement.created {
-            "founded"
-        } else {
-            "joined"
-        };
-        self.metrics.signups.with_label_values(&[outcome]).inc();
-        tracing::info!(
-            user_id = user.id.0,
-            group_id = user.group_id.0,
-            outcome,
-            "signup"
-        );
-        Ok(SignupOutcome {
-            user,
-            placement: assignment.placement,
-        })
+        let outcome = outcome?;
+        if let Outcome::Created(c) = &outcome {
+            let label = if c.founded { "founded" } else { "joined" };
+            self.metrics.signups.with_label_values(&[label]).inc();
+            tracing::info!(
+                user_id = c.user.id.0,
+                group_id = c.user.group_id.0,
+                outcome = label,
+                "signup"
+            );
+        }
+        Ok(outcome)
     }
 
     /// An access token, or the same error whether the user is unknown or

@@ -18,12 +18,13 @@ use tracing_actix_web::TracingLogger;
 use crate::auth::{PasswordHasher, Tokens};
 use crate::config::{Config, Mode};
 use crate::http;
-use crate::index::GroupIndex;
-use crate::index::keeper::IndexKeeper;
+use crate::index::health::SharedIndex;
 use crate::index::memory::MemoryIndex;
-use crate::index::redis::{self as redis_index, RedisIndex};
+use crate::index::redis::RedisIndex;
+use crate::index::redis::conn::RedisConn;
 use crate::ratelimit::{MemoryLimiter, RateLimiter, RedisLimiter};
 use crate::service::Service;
+use crate::signup::SignupProtocol;
 use crate::store::Store;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
@@ -32,16 +33,35 @@ use crate::telemetry::Metrics;
 /// The backing services of one mode.
 pub struct Backends {
     pub store: Arc<dyn Store>,
-    pub index: Arc<dyn GroupIndex>,
+    pub protocol: SignupProtocol,
+    pub shared_index: Option<Arc<SharedIndex>>,
     pub limiter: Arc<dyn RateLimiter>,
-    pub keeper: Option<Arc<IndexKeeper>>,
     pub jwt_secret: Vec<u8>,
     /// Embedded mode: the data directory's lock, held for the process's life.
     pub data_lock: Option<fs::File>,
 }
 
-/// Distributed mode: Postgres and Redis, migrated (unless told not to) and
-/// with the index ready (rebuilt here if it is missing).
+/// How long one index call may take before the signup decides from the
+/// system of record instead.
+const INDEX_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Connects the rate limiter's Redis connection (it reconnects by itself:
+/// unlike the index, it has nothing to lose).
+pub async fn redis_manager(url: &str) -> redis::RedisResult<redis::aio::ConnectionManager> {
+    let client = redis::Client::open(url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(1)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_lazy_with_config(client, config)
+}
+
+use redis::aio::ConnectionManager;
+
+/// Distributed mode: Postgres (migrated unless told not to) and Redis. Does
+/// not wait for the index: signups decide from Postgres until the keeper has
+/// checked (or rebuilt) it, so the port opens at once.
 pub async fn distributed(
     config: &Config,
     migrate: bool,
@@ -56,36 +76,50 @@ pub async fn distributed(
         return Err(anyhow!("not in distributed mode"));
     };
     let pg = Arc::new(
-        PgStore::connect(database_url, config.settings.db_pool_size).map_err(|e| anyhow!(e))?,
+        PgStore::connect(database_url, config.settings.db_pool_size, config.threshold)
+            .map_err(|e| anyhow!(e))?,
     );
     if migrate {
         let n = pg.migrate().await.map_err(|e| anyhow!(e))?;
         tracing::info!(applied = n, "migrations applied");
     }
-    let conn = redis_index::connect(redis_url)
-        .await
-        .context("cannot connect to Redis")?;
+    let deployed = pg.ensure_deployment(config.threshold).await?;
+    let conn = Arc::new(RedisConn::new(redis_url, INDEX_RESPONSE_TIMEOUT).map_err(|e| anyhow!(e))?);
     let redis = Arc::new(RedisIndex::new(
-        conn.clone(),
+        conn,
         &config.settings.redis_prefix,
         config.threshold,
-        config.settings.index_buckets,
     ));
     let rebuilds = metrics.index_rebuilds.clone();
-    let keeper = Arc::new(IndexKeeper::new(
-        redis.clone(),
+    let shared = Arc::new(SharedIndex::new(
+        redis,
         pg.clone(),
-        Box::new(move || rebuilds.inc()),
+        config.settings.index_buckets,
+        Box::new(move |r| {
+            if r.full_pass > 0 {
+                rebuilds.inc();
+            }
+        }),
     ));
-    keeper
-        .ensure_ready(Duration::from_secs(120))
+    if deployed == config.threshold.get() {
+        shared.watch(Duration::from_secs(1));
+    } else {
+        tracing::error!(
+            deployed,
+            configured = config.threshold.get(),
+            "COHORT_MATCH_THRESHOLD differs from the deployment's threshold: signups will be \
+             refused. Configure the deployment's threshold, or change it with `cohort set-threshold`"
+        );
+    }
+    let limiter = redis_manager(redis_url)
         .await
-        .context("the group index is not ready")?;
+        .context("invalid REDIS_URL")?;
+    let store: Arc<dyn Store> = pg;
     Ok(Backends {
-        store: pg,
-        index: redis,
-        limiter: Arc::new(RedisLimiter::new(conn, &config.settings.redis_prefix)),
-        keeper: Some(keeper),
+        protocol: SignupProtocol::distributed(store.clone(), shared.clone(), jwt_secret),
+        store,
+        shared_index: Some(shared),
+        limiter: Arc::new(RedisLimiter::new(limiter, &config.settings.redis_prefix)),
         jwt_secret: jwt_secret.clone(),
         data_lock: None,
     })
@@ -106,8 +140,19 @@ pub async fn embedded(config: &Config) -> anyhow::Result<Backends> {
         Some(s) => s.clone().into_bytes(),
         None => load_or_create_secret(&data_dir.join("jwt-secret"))?,
     };
-    let store =
-        Arc::new(SqliteStore::open(&data_dir.join("cohort.sqlite3")).map_err(|e| anyhow!(e))?);
+    let store = Arc::new(
+        SqliteStore::open(&data_dir.join("cohort.sqlite3"), config.threshold)
+            .map_err(|e| anyhow!(e))?,
+    );
+    let deployed = store.ensure_deployment(config.threshold).await?;
+    if deployed != config.threshold.get() {
+        tracing::error!(
+            deployed,
+            configured = config.threshold.get(),
+            "COHORT_MATCH_THRESHOLD differs from the threshold this data directory was built \
+             with: signups will be refused"
+        );
+    }
     let index = Arc::new(MemoryIndex::new(config.threshold));
     let mut after = None;
     loop {
@@ -123,11 +168,12 @@ pub async fn embedded(config: &Config) -> anyhow::Result<Backends> {
         groups = index.len(),
         "embedded mode: data in a local SQLite file, group index in process"
     );
+    let store: Arc<dyn Store> = store;
     Ok(Backends {
+        protocol: SignupProtocol::embedded(store.clone(), index, &jwt_secret),
         store,
-        index,
+        shared_index: None,
         limiter: Arc::new(MemoryLimiter::default()),
-        keeper: None,
         jwt_secret,
         data_lock: Some(lock),
     })
@@ -214,21 +260,10 @@ impl Application {
             s.hash_concurrency.unwrap_or(cpus),
             Arc::new(move |secs| hash_metric.observe(secs)),
         );
-        let on_index_lost: Arc<dyn Fn() + Send + Sync> = match &backends.keeper {
-            Some(k) => {
-                let k = k.clone();
-                Arc::new(move || k.trigger())
-            }
-            None => Arc::new(|| {}),
-        };
-        metrics.index_ready.set(1);
-        if let Some(k) = &backends.keeper {
-            let ready = metrics.index_ready.clone();
-            k.watch(Duration::from_secs(1), move |ok| ready.set(i64::from(ok)));
-        }
         let service = web::Data::new(Service {
             store: backends.store,
-            index: backends.index,
+            protocol: backends.protocol,
+            shared_index: backends.shared_index,
             hasher,
             tokens,
             limiter: backends.limiter,
@@ -237,7 +272,6 @@ impl Application {
             threshold: config.threshold,
             signin_max_failures: s.signin_max_failures.max(1),
             signup_rate_limit: s.signup_rate_limit,
-            on_index_lost,
         });
         spawn_count_refresher(service.clone());
 
@@ -341,6 +375,10 @@ fn spawn_count_refresher(service: web::Data<Service>) {
                 svc.metrics.groups.set(g as i64);
                 svc.metrics.users.set(u as i64);
             }
+            let state = svc.index_state();
+            svc.metrics
+                .index_ready
+                .set(i64::from(state == crate::index::health::IndexState::Ready));
         }
     });
 }

@@ -38,6 +38,8 @@ impl AppError {
             AppError::Validation(_) => ("validation", "Invalid request fields"),
             AppError::RateLimited { .. } => ("rate-limited", "Too many requests"),
             AppError::Unavailable(_) => ("unavailable", "Service unavailable"),
+            AppError::IdempotencyKeyReused => ("idempotency-key-reused", "Idempotency-Key reused"),
+            AppError::Misconfigured(_) => ("misconfigured", "Replica misconfigured"),
             AppError::Internal(_) => ("internal", "Internal server error"),
         }
     }
@@ -53,7 +55,10 @@ impl ResponseError for AppError {
             AppError::UsernameTaken => StatusCode::CONFLICT,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            AppError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Validation(_) | AppError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            AppError::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

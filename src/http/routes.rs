@@ -11,6 +11,7 @@ use super::problem::Problem;
 use crate::domain::{Signup, UserId};
 use crate::error::AppError;
 use crate::service::Service;
+use crate::signup::Outcome;
 
 /// Request body of `POST /v1/signup`. Documentation only: the handler reads
 /// [`SignupBody`], so that missing fields are reported field by field.
@@ -72,26 +73,60 @@ pub async fn signup(
     req: HttpRequest,
     body: web::Json<SignupBody>,
 ) -> Result<HttpResponse, AppError> {
+    let key = idempotency_key(&req)?;
     let body = body.into_inner();
     let signup = Signup::parse(body.username, body.password, body.attributes, service.rules)
         .map_err(AppError::Validation)?;
     let client = req.peer_addr().map(|a| a.ip().to_string());
-    let out = service.signup(signup, client.as_deref()).await?;
-    let shared = out
-        .user
-        .attributes
-        .intersection(&out.placement.group_attributes);
-    Ok(HttpResponse::Created().json(SignupResponse {
-        user_id: out.user.id.0,
-        username: out.user.username.to_string(),
-        attributes: out.user.attributes.to_strings(),
+    // A task of its own: a client that hangs up must not cancel a signup
+    // between its commit and its index add (the protocol would survive it,
+    // as it survives a crash, but there is no reason to make it).
+    let svc = service.clone();
+    let outcome = tokio::spawn(async move { svc.signup(signup, client.as_deref(), key).await })
+        .await
+        .map_err(|e| AppError::Internal(format!("signup task failed: {e}")))??;
+    let replayed = matches!(outcome, Outcome::Replayed(_));
+    let c = outcome.committed();
+    let mut res = HttpResponse::Created();
+    if replayed {
+        res.insert_header(("Idempotent-Replayed", "true"));
+    }
+    Ok(res.json(SignupResponse {
+        user_id: c.user.id.0,
+        username: c.user.username.to_string(),
+        attributes: c.user.attributes.to_strings(),
         group: GroupRef {
-            id: out.placement.group_id.0,
-            attributes: out.placement.group_attributes.to_strings(),
-            created: out.placement.created,
+            id: c.user.group_id.0,
+            attributes: c.group_attributes.to_strings(),
+            created: c.founded,
         },
-        shared_attributes: shared.to_strings(),
+        shared_attributes: c
+            .user
+            .attributes
+            .intersection(&c.group_attributes)
+            .to_strings(),
     }))
+}
+
+/// The `Idempotency-Key` header (draft-ietf-httpapi-idempotency-key-header):
+/// a structured-field string, so quoted, though a bare token is accepted
+/// too. 1 to 255 visible ASCII characters.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, AppError> {
+    let Some(v) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad =
+        || AppError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".into());
+    let raw = v.to_str().map_err(|_| bad())?.trim();
+    let key = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw);
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        return Err(bad());
+    }
+    Ok(Some(key.to_owned()))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -269,26 +304,19 @@ pub async fn healthz() -> HttpResponse {
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "Database and index reachable, index loaded"),
+        (status = 200, description = "The database is reachable: every endpoint is served. The body gives the group index's state (ready, rebuilding, unreachable): while it is not ready, signups are decided from the database"),
         (status = 503, description = "Not ready, with the reason", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn readyz(service: web::Data<Service>) -> Result<HttpResponse, AppError> {
     if let Err(e) = service.store.ping().await {
         return Err(AppError::Unavailable(format!("database: {e}")));
     }
-    match service.index.check_ready().await {
-        Ok(()) => {
-            service.metrics.index_ready.set(1);
-            Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready"})))
-        }
-        Err(e) => {
-            service.metrics.index_ready.set(0);
-            if matches!(e, crate::index::IndexError::NotReady(_)) {
-                (service.on_index_lost)();
-            }
-            Err(AppError::Unavailable(format!("index: {e}")))
-        }
-    }
+    let state = service.index_state();
+    service
+        .metrics
+        .index_ready
+        .set(i64::from(state == crate::index::health::IndexState::Ready));
+    Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready", "index": state.as_str()})))
 }
 
 pub async fn metrics(service: web::Data<Service>) -> HttpResponse {

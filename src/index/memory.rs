@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use rustc_hash::FxHashMap;
 
-use super::{Decision, Epoch, GroupIndex, IndexError};
+use super::{Candidate, GroupIndex, IndexError};
 use crate::domain::attribute::sorted_overlap;
 use crate::domain::grouping::{choose_best, for_each_subset};
 use crate::domain::{AttributeSet, GroupId, Threshold};
@@ -108,29 +108,21 @@ impl MemoryIndex {
         self.len() == 0
     }
 
-    /// One decision, synchronously: the whole of `decide` without the async
-    /// wrapper, for benchmarks and property tests.
-    pub fn decide_now(
-        &self,
-        attrs: &AttributeSet,
-        found_with: Option<GroupId>,
-    ) -> Result<Decision, IndexError> {
+    /// The best committed group for `attrs`, synchronously (benchmarks,
+    /// property tests, and the embedded signup under its lock).
+    pub fn best_now(&self, attrs: &AttributeSet) -> Option<Candidate> {
+        let inner = self.inner.lock().expect("index mutex poisoned");
+        inner.best(self.t, attrs).map(|(id, _)| Candidate {
+            id,
+            attributes: inner.groups[inner.dense[&id] as usize].attributes.clone(),
+        })
+    }
+
+    /// Adds a committed group unless it is already there.
+    pub fn add_now(&self, id: GroupId, attrs: AttributeSet) {
         let mut inner = self.inner.lock().expect("index mutex poisoned");
-        if let Some((id, _)) = inner.best(self.t, attrs) {
-            let attributes = inner.groups[inner.dense[&id] as usize].attributes.clone();
-            return Ok(Decision::Join { id, attributes });
-        }
-        match found_with {
-            None => Ok(Decision::NoMatch),
-            Some(id) => {
-                if inner.dense.contains_key(&id) {
-                    return Err(IndexError::Corrupt(format!(
-                        "group id {id} is already in the index"
-                    )));
-                }
-                inner.insert(self.t, id, attrs.clone());
-                Ok(Decision::Founded { id })
-            }
+        if !inner.dense.contains_key(&id) {
+            inner.insert(self.t, id, attrs);
         }
     }
 }
@@ -218,15 +210,14 @@ impl Inner {
 
 #[async_trait]
 impl GroupIndex for MemoryIndex {
-    async fn decide(
-        &self,
-        attrs: &AttributeSet,
-        found_with: Option<GroupId>,
-    ) -> Result<(Decision, Option<Epoch>), IndexError> {
-        Ok((self.decide_now(attrs, found_with)?, None))
+    async fn best(&self, attrs: &AttributeSet) -> Result<Option<Candidate>, IndexError> {
+        Ok(self.best_now(attrs))
     }
 
-    async fn check_ready(&self) -> Result<(), IndexError> {
+    async fn add(&self, groups: &[(GroupId, AttributeSet)]) -> Result<(), IndexError> {
+        for (id, attrs) in groups {
+            self.add_now(*id, attrs.clone());
+        }
         Ok(())
     }
 }
@@ -239,17 +230,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn assign(ix: &MemoryIndex, next: &mut i64, attrs: &AttributeSet) -> (GroupId, bool) {
-        match ix.decide_now(attrs, None).unwrap() {
-            Decision::Join { id, .. } => (id, false),
-            Decision::NoMatch => {
+        match ix.best_now(attrs) {
+            Some(c) => (c.id, false),
+            None => {
                 let id = GroupId(*next);
                 *next += 1;
-                match ix.decide_now(attrs, Some(id)).unwrap() {
-                    Decision::Founded { id } => (id, true),
-                    other => panic!("unexpected {other:?}"),
-                }
+                ix.add_now(id, attrs.clone());
+                (id, true)
             }
-            Decision::Founded { .. } => unreachable!(),
         }
     }
 
@@ -294,9 +282,6 @@ mod tests {
             AttributeSet::parse(&["a", "b", "d"], rules).unwrap(),
         );
         let user = AttributeSet::parse(&["a", "b", "d", "e"], rules).unwrap();
-        match ix.decide_now(&user, None).unwrap() {
-            Decision::Join { id, .. } => assert_eq!(id, GroupId(3)),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(ix.best_now(&user).map(|c| c.id), Some(GroupId(3)));
     }
 }

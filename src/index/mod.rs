@@ -1,137 +1,84 @@
-//! The group index: answers "which group does this signup join, or does it
-//! found one?" without scanning every group.
+//! The group index: answers "which committed group does this signup join?"
+//! without scanning every group.
+//!
+//! An index is a *cache of committed groups*, never the arbiter: the system
+//! of record refuses any group that would share a t-subset with another (see
+//! `crate::signup` for the protocol and why it is exact). So an index only
+//! ever answers for groups whose transaction committed, and receives a group
+//! only after that commit ([`GroupIndex::add`], idempotent).
 //!
 //! Two implementations share the same t-subset design (see
 //! `domain::grouping`): [`memory::MemoryIndex`] in-process, for the embedded
-//! mode and as a second implementation to test against, and
-//! [`redis::RedisIndex`], shared by every replica, where one Lua script makes
-//! best-group-or-create atomic.
-//!
-//! Group ids always come from the system of record ([`GroupIdSource`]), never
-//! from the index, so they stay unique even if the index is emptied. Founding
-//! is optimistic: look up first; only when nothing matches, take a fresh id
-//! and ask again with it. The second call founds unless another signup
-//! founded a matching group meanwhile, in which case it joins that one (the
-//! unused id is a harmless gap).
+//! mode, and [`redis::RedisIndex`], shared by every replica, where one Lua
+//! script makes the best-group decision in one atomic round trip.
+//! [`health`] decides when a replica may trust the shared one.
 
-pub mod keeper;
+pub mod health;
 pub mod memory;
 pub mod redis;
 
 use async_trait::async_trait;
 
-use crate::domain::grouping::Placement;
-use crate::domain::{AttributeSet, GroupId, Threshold};
-
-/// Identifies one build of a shared index. The system of record keeps the
-/// current epoch too, and refuses a signup decided against another one: that
-/// is how a decision against a lost or half-built index is never committed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Epoch(pub i64);
-
-/// An index's decision, with the epoch it was made against (None for an
-/// in-process index, which cannot be lost without losing the process).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Assignment {
-    pub placement: Placement,
-    pub epoch: Option<Epoch>,
-}
+use crate::domain::{AttributeSet, GroupId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
-    /// The index is missing, being rebuilt, or of another generation.
+    /// The index is missing, being rebuilt, or not trusted by this replica.
     #[error("group index not ready: {0}")]
     NotReady(String),
     #[error("group index unreachable: {0}")]
     Unavailable(String),
     #[error("group index is inconsistent: {0}")]
     Corrupt(String),
-    #[error("could not allocate a group id: {0}")]
-    IdSource(String),
 }
 
-/// Where fresh group ids come from: the system of record.
-#[async_trait]
-pub trait GroupIdSource: Send + Sync {
-    async fn next_group_id(&self) -> Result<GroupId, IndexError>;
-}
-
-/// One outcome of a single index call.
+/// A committed group, as an index returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    Join {
-        id: GroupId,
-        attributes: AttributeSet,
-    },
-    /// Nothing matches and no id was offered.
-    NoMatch,
-    Founded {
-        id: GroupId,
-    },
+pub struct Candidate {
+    pub id: GroupId,
+    pub attributes: AttributeSet,
 }
 
 #[async_trait]
 pub trait GroupIndex: Send + Sync {
-    /// One atomic step: join the best group, or found `found_with` if given
-    /// and nothing matches. Returns the epoch the decision was made against.
-    async fn decide(
-        &self,
-        attrs: &AttributeSet,
-        found_with: Option<GroupId>,
-    ) -> Result<(Decision, Option<Epoch>), IndexError>;
+    /// The group `attrs` joins under the rule, among the groups this index
+    /// holds: the largest overlap of at least t, the smallest id on a tie.
+    /// Reads only.
+    async fn best(&self, attrs: &AttributeSet) -> Result<Option<Candidate>, IndexError>;
 
-    /// Ok when assignments can be made now.
-    async fn check_ready(&self) -> Result<(), IndexError>;
+    /// Adds committed groups. Idempotent: adding a group twice, or one the
+    /// index already has, changes nothing.
+    async fn add(&self, groups: &[(GroupId, AttributeSet)]) -> Result<(), IndexError>;
+}
 
-    /// Best group or a new one, atomically with respect to every other
-    /// caller of the same index.
-    async fn assign(
-        &self,
-        attrs: &AttributeSet,
-        ids: &dyn GroupIdSource,
-    ) -> Result<Assignment, IndexError> {
-        let (first, epoch) = self.decide(attrs, None).await?;
-        let (decision, epoch) = match first {
-            Decision::NoMatch => {
-                let id = ids.next_group_id().await?;
-                self.decide(attrs, Some(id)).await?
-            }
-            other => (other, epoch),
-        };
-        let placement = match decision {
-            Decision::Join { id, attributes } => Placement {
-                group_id: id,
-                group_attributes: attributes,
-                created: false,
-            },
-            Decision::Founded { id } => Placement {
-                group_id: id,
-                group_attributes: attrs.clone(),
-                created: true,
-            },
-            Decision::NoMatch => {
-                return Err(IndexError::Corrupt(
-                    "index declined to found with a fresh id".into(),
-                ));
-            }
-        };
-        Ok(Assignment { placement, epoch })
+/// The index's marks in the system of record (see `health`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IndexMarks {
+    /// The deployment's threshold: a replica configured otherwise must not
+    /// sync (it would vouch for another threshold's index).
+    pub threshold: usize,
+    /// Bumped whenever a committed group may be missing from Redis.
+    pub dirty: i64,
+    /// The `dirty` value the last completed sync accounted for.
+    pub clean: i64,
+    /// Identity of the Redis server the last sync ran against.
+    pub synced_server: Option<String>,
+}
+
+impl IndexMarks {
+    pub fn is_dirty(&self) -> bool {
+        self.dirty > self.clean
     }
 }
 
-/// Held while one process rebuilds a shared index; dropping it releases the
+/// Held while one process syncs the shared index; dropping it releases the
 /// lock (for Postgres: closes the session holding the advisory lock).
-pub struct RebuildLock(pub Box<dyn Send + Sync>);
+pub struct SyncLock(pub Box<dyn Send + Sync>);
 
-/// What a shared index is rebuilt and checked from: the system of record.
+/// What the shared index is rebuilt, repaired and checked from: the system
+/// of record.
 #[async_trait]
 pub trait IndexSource: Send + Sync {
-    /// None when another process holds the rebuild lock.
-    async fn lock_rebuild(&self, t: Threshold) -> Result<Option<RebuildLock>, IndexError>;
-    /// Starts a new epoch for threshold `t`. Waits for signups in flight,
-    /// then refuses any decided against an older epoch.
-    async fn advance_epoch(&self, t: Threshold) -> Result<Epoch, IndexError>;
-    async fn current_epoch(&self, t: Threshold) -> Result<Option<Epoch>, IndexError>;
     async fn group_count(&self) -> Result<u64, IndexError>;
     /// Groups in id order, after `after`, at most `limit`.
     async fn groups_after(
@@ -139,4 +86,18 @@ pub trait IndexSource: Send + Sync {
         after: Option<GroupId>,
         limit: usize,
     ) -> Result<Vec<(GroupId, AttributeSet)>, IndexError>;
+    /// Committed groups no sync has yet confirmed in the index.
+    async fn unindexed_groups(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(GroupId, AttributeSet)>, IndexError>;
+    async fn mark_indexed(&self, ids: &[GroupId]) -> Result<(), IndexError>;
+    async fn marks(&self) -> Result<IndexMarks, IndexError>;
+    /// Records that a committed group may be missing from the index.
+    async fn mark_dirty(&self) -> Result<(), IndexError>;
+    /// Records a completed sync against `server` that accounted for every
+    /// dirty mark up to `dirty`.
+    async fn mark_synced(&self, dirty: i64, server: &str) -> Result<(), IndexError>;
+    /// None when another process holds it.
+    async fn lock_sync(&self) -> Result<Option<SyncLock>, IndexError>;
 }

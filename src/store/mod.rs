@@ -7,20 +7,53 @@ pub mod sqlite;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::domain::grouping::Placement;
 use crate::domain::{AttributeSet, GroupId, Threshold, UserId, Username};
-use crate::index::{Epoch, GroupIdSource};
+use crate::index::Candidate;
 
-/// A signup ready to commit: validated, hashed, and placed by the index.
+/// Where a signup goes, as decided before its transaction.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// Join this committed group.
+    Join(Candidate),
+    /// Found a group with the user's attributes. The transaction inserts its
+    /// t-subsets and fails with [`StoreError::Overlap`] if any is taken.
+    Found,
+}
+
+/// An `Idempotency-Key` to commit with the user.
+#[derive(Debug, Clone)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    /// A keyed hash of the request (see `crate::signup`).
+    pub fingerprint: Vec<u8>,
+}
+
+/// A signup ready to commit: validated, hashed and planned.
 #[derive(Debug, Clone)]
 pub struct NewUser {
     pub username: Username,
     pub password_hash: String,
     pub attributes: AttributeSet,
-    pub placement: Placement,
-    /// The shared index's epoch the placement was decided against; the
-    /// commit is refused if it is no longer current.
-    pub epoch: Option<(Threshold, Epoch)>,
+    pub plan: Plan,
+    /// The join was decided in the shared index: the transaction refuses it
+    /// ([`StoreError::IndexDirty`]) if the index is marked dirty.
+    pub decided_in_index: bool,
+    pub idempotency: Option<IdempotencyRecord>,
+}
+
+/// A committed signup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub user: UserRecord,
+    pub group_attributes: AttributeSet,
+    pub founded: bool,
+}
+
+/// A signup stored under an idempotency key.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub fingerprint: Vec<u8>,
+    pub committed: Committed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,9 +98,19 @@ pub struct PoolStats {
 pub enum StoreError {
     #[error("username is taken")]
     UsernameTaken,
-    /// The index epoch the signup was decided against is no longer current.
-    #[error("the group index was rebuilt or lost during this signup")]
-    StaleIndex,
+    /// A committed group shares a t-subset with the one being founded.
+    #[error("a committed group overlaps the group being founded")]
+    Overlap,
+    /// The shared index is marked dirty: a join decided there may be wrong.
+    #[error("the group index is marked dirty")]
+    IndexDirty,
+    /// The idempotency key was committed by another request meanwhile.
+    #[error("the idempotency key is in use")]
+    IdempotencyKeyTaken,
+    #[error(
+        "this deployment groups with threshold {deployed} but this replica is configured with {configured}"
+    )]
+    ThresholdMismatch { deployed: usize, configured: usize },
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("database holds an invalid row: {0}")]
@@ -75,12 +118,20 @@ pub enum StoreError {
 }
 
 #[async_trait]
-pub trait Store: GroupIdSource + Send + Sync {
+pub trait Store: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Records this deployment's threshold on first start (building the
+    /// subset table for groups that predate it); returns the recorded one.
+    async fn ensure_deployment(&self, t: Threshold) -> Result<usize, StoreError>;
     async fn username_taken(&self, username: &Username) -> Result<bool, StoreError>;
-    /// Commits the user, and its group if this is the group's first member,
-    /// in one transaction.
-    async fn create_user(&self, user: &NewUser) -> Result<UserRecord, StoreError>;
+    /// The group `attrs` joins among the committed ones, exactly (from the
+    /// subset table): the decision when the shared index cannot be used.
+    async fn best_group(&self, attrs: &AttributeSet) -> Result<Option<Candidate>, StoreError>;
+    /// Commits the user, and its group and the group's t-subsets if it
+    /// founds one, and its idempotency key, in one transaction.
+    async fn commit_signup(&self, user: &NewUser) -> Result<Committed, StoreError>;
+    /// The signup stored under `key` in the last 24 hours.
+    async fn replay(&self, key: &str) -> Result<Option<Replay>, StoreError>;
     async fn credentials(&self, username: &Username) -> Result<Option<Credentials>, StoreError>;
     async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError>;
     async fn group(&self, id: GroupId) -> Result<Option<GroupInfo>, StoreError>;
@@ -100,4 +151,20 @@ pub trait Store: GroupIdSource + Send + Sync {
         limit: usize,
     ) -> Result<Vec<(GroupId, AttributeSet)>, StoreError>;
     fn pool_stats(&self) -> PoolStats;
+}
+
+/// Picks the best of the candidate groups a subset lookup returned.
+pub(crate) fn best_of(
+    candidates: Vec<(GroupId, AttributeSet)>,
+    attrs: &AttributeSet,
+    t: Threshold,
+) -> Option<Candidate> {
+    let best = crate::domain::grouping::choose_best(
+        candidates.iter().map(|(id, a)| (*id, a.overlap(attrs))),
+        t,
+    )?;
+    candidates
+        .into_iter()
+        .find(|(id, _)| *id == best.0)
+        .map(|(id, attributes)| Candidate { id, attributes })
 }

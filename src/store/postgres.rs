@@ -1,30 +1,6 @@
-//! The Postgres store: the system of record in distributed mode.
-//!
-//! # Write order of a signup
-//!
-//! 1. Validate; refuse a taken username early; hash the password.
-//! 2. The index decides (Redis script): join G, or found G with an id taken
-//!    from the `group_ids` sequence here.
-//! 3. One transaction here: lock this threshold's `index_epochs` row FOR
-//!    SHARE and check the epoch the index decided against; insert G if it is
-//!    not there yet (`ON CONFLICT DO NOTHING`: the founder or the first
-//!    joiner to commit creates it); insert the user. Commit.
-//! 4. Only then answer 201.
-//!
-//! What each failure leaves behind:
-//! - before 2 commits nothing anywhere;
-//! - the script validates before its first write, so it leaves all or none;
-//! - between 2 and 3 (or 3 fails, or the process dies): Postgres has nothing
-//!   of this signup; the index may hold a group nobody has joined yet. The
-//!   next overlapping signup joins it and creates its row, so no user ever
-//!   points at a group Postgres lacks (the foreign key would refuse it), and
-//!   `verify` reports such a group, `reindex` drops it;
-//! - after 3 commits and before 4: the user exists; a retry gets 409.
-//!
-//! An acknowledged signup is committed in Postgres and was decided against
-//! the epoch Postgres names: a rebuild advances that epoch while holding the
-//! row lock every signup shares, so it waits for commits in flight, reads
-//! them all, and fences off any decided against the old index.
+//! The Postgres store: the system of record in distributed mode, and the
+//! arbiter of the grouping rule (its `group_subsets` primary key; see
+//! `crate::signup` for the protocol).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -34,9 +10,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-use super::{Credentials, GroupInfo, Member, NewUser, PoolStats, Store, StoreError, UserRecord};
+use super::{
+    Committed, Credentials, GroupInfo, Member, NewUser, Plan, PoolStats, Replay, Store, StoreError,
+    UserRecord, best_of,
+};
+use crate::domain::grouping::subset_keys;
 use crate::domain::{AttributeSet, GroupId, Threshold, UserId, Username};
-use crate::index::{Epoch, GroupIdSource, IndexError, IndexSource, RebuildLock};
+use crate::index::{Candidate, IndexError, IndexMarks, IndexSource, SyncLock};
 
 mod embedded {
     refinery::embed_migrations!("migrations/postgres");
@@ -46,11 +26,15 @@ mod embedded {
 /// in pg_locks).
 const LOCK_CLASS: i32 = 0x636f_686f;
 const MIGRATE_LOCK: i32 = 1;
-const REBUILD_LOCK_BASE: i32 = 100;
+const SYNC_LOCK: i32 = 2;
+
+/// Groups whose subsets are written per statement by a backfill.
+const BACKFILL_BATCH: usize = 5_000;
 
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    t: Threshold,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -63,13 +47,19 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 
 impl From<StoreError> for IndexError {
     fn from(e: StoreError) -> Self {
-        IndexError::IdSource(e.to_string())
+        IndexError::Unavailable(e.to_string())
     }
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        d.code() == &SqlState::UNIQUE_VIOLATION && d.constraint() == Some(constraint)
+    })
 }
 
 impl PgStore {
     /// Builds the pool. Connects lazily; call [`PgStore::ping`] to check.
-    pub fn connect(url: &str, max_connections: usize) -> Result<Self, String> {
+    pub fn connect(url: &str, max_connections: usize, t: Threshold) -> Result<Self, String> {
         let mut cfg = tokio_postgres::Config::from_str(url)
             .map_err(|e| format!("invalid DATABASE_URL: {e}"))?;
         cfg.connect_timeout(Duration::from_secs(3));
@@ -96,7 +86,7 @@ impl PgStore {
             .recycle_timeout(Some(Duration::from_secs(2)))
             .build()
             .map_err(|e| format!("cannot build the Postgres pool: {e}"))?;
-        Ok(Self { pool })
+        Ok(Self { pool, t })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -138,18 +128,6 @@ fn username_from_row(s: String) -> Result<Username, StoreError> {
 }
 
 #[async_trait]
-impl GroupIdSource for PgStore {
-    async fn next_group_id(&self) -> Result<GroupId, IndexError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one("SELECT nextval('group_ids')", &[])
-            .await
-            .map_err(unavailable)?;
-        Ok(GroupId(row.get(0)))
-    }
-}
-
-#[async_trait]
 impl Store for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
@@ -169,28 +147,107 @@ impl Store for PgStore {
         Ok(row.is_some())
     }
 
-    async fn create_user(&self, user: &NewUser) -> Result<UserRecord, StoreError> {
+    async fn ensure_deployment(&self, t: Threshold) -> Result<usize, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(unavailable)?;
-        if let Some((t, epoch)) = user.epoch {
-            let row = tx
-                .query_opt(
-                    "SELECT epoch FROM index_epochs WHERE threshold = $1 FOR SHARE",
-                    &[&(t.get() as i32)],
-                )
-                .await
-                .map_err(unavailable)?;
-            if row.map(|r| r.get::<_, i64>(0)) != Some(epoch.0) {
-                return Err(StoreError::StaleIndex);
+        let created = tx
+            .query_opt(
+                "INSERT INTO deployment (threshold) VALUES ($1) ON CONFLICT DO NOTHING RETURNING threshold",
+                &[&(t.get() as i32)],
+            )
+            .await
+            .map_err(unavailable)?;
+        if created.is_some() {
+            // First start of this deployment (or of this design over groups
+            // founded by the previous one): build the subset table.
+            let n = backfill_subsets(&tx, t).await?;
+            if n > 0 {
+                tracing::info!(groups = n, threshold = t.get(), "subset table built");
             }
         }
-        let group = &user.placement;
-        tx.execute(
-            "INSERT INTO groups (id, attributes) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
-            &[&group.group_id.0, &group.group_attributes.to_strings()],
-        )
-        .await
-        .map_err(unavailable)?;
+        let deployed: i32 = tx
+            .query_one("SELECT threshold FROM deployment", &[])
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        tx.commit().await.map_err(unavailable)?;
+        Ok(deployed as usize)
+    }
+
+    async fn best_group(&self, attrs: &AttributeSet) -> Result<Option<Candidate>, StoreError> {
+        let client = self.client().await?;
+        let keys = subset_keys(attrs, self.t);
+        let rows = client
+            .query(
+                "SELECT id, attributes FROM groups WHERE id IN ( \
+                   SELECT group_id FROM group_subsets WHERE threshold = $1 AND subset = ANY($2) \
+                   UNION SELECT group_id FROM group_subset_overlaps WHERE threshold = $1 AND subset = ANY($2))",
+                &[&(self.t.get() as i16), &keys],
+            )
+            .await
+            .map_err(unavailable)?;
+        let candidates = rows
+            .into_iter()
+            .map(|r| Ok((GroupId(r.get(0)), attrs_from_row(r.get(1))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(best_of(candidates, attrs, self.t))
+    }
+
+    async fn commit_signup(&self, user: &NewUser) -> Result<Committed, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        // KEY SHARE: blocks a threshold change (FOR UPDATE) until we commit,
+        // but not the dirty marks (a non-key UPDATE).
+        let row = tx
+            .query_one(
+                "SELECT threshold, index_dirty > index_clean FROM deployment FOR KEY SHARE",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        let deployed = row.get::<_, i32>(0) as usize;
+        if deployed != self.t.get() {
+            return Err(StoreError::ThresholdMismatch {
+                deployed,
+                configured: self.t.get(),
+            });
+        }
+        if user.decided_in_index && row.get::<_, bool>(1) {
+            return Err(StoreError::IndexDirty);
+        }
+        let (group_id, group_attributes, founded) = match &user.plan {
+            Plan::Join(c) => (c.id, c.attributes.clone(), false),
+            Plan::Found => {
+                let id: i64 = tx
+                    .query_one(
+                        "INSERT INTO groups (id, attributes) VALUES (nextval('group_ids'), $1) RETURNING id",
+                        &[&user.attributes.to_strings()],
+                    )
+                    .await
+                    .map_err(unavailable)?
+                    .get(0);
+                // Waits for a concurrent founder holding one of these keys,
+                // then fails if it committed: it overlaps us.
+                tx.execute(
+                    "INSERT INTO group_subsets (threshold, subset, group_id) \
+                     SELECT $1, unnest($2::bytea[]), $3",
+                    &[
+                        &(self.t.get() as i16),
+                        &subset_keys(&user.attributes, self.t),
+                        &id,
+                    ],
+                )
+                .await
+                .map_err(|e| {
+                    if is_unique_violation(&e, "group_subsets_pkey") {
+                        StoreError::Overlap
+                    } else {
+                        unavailable(e)
+                    }
+                })?;
+                (GroupId(id), user.attributes.clone(), true)
+            }
+        };
         let row = tx
             .query_one(
                 "INSERT INTO users (username, password_hash, attributes, group_id) \
@@ -199,25 +256,80 @@ impl Store for PgStore {
                     &user.username.as_str(),
                     &user.password_hash,
                     &user.attributes.to_strings(),
-                    &group.group_id.0,
+                    &group_id.0,
                 ],
             )
             .await
             .map_err(|e| {
-                if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                if is_unique_violation(&e, "users_username_key") {
                     StoreError::UsernameTaken
                 } else {
                     unavailable(e)
                 }
             })?;
+        let user_id: i64 = row.get(0);
+        if let Some(k) = &user.idempotency {
+            // An expired key (over 24 hours) is taken over; a live one is not.
+            let n = tx
+                .execute(
+                    "INSERT INTO idempotency_keys (key, fingerprint, user_id, founded) \
+                     VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, \
+                       user_id = excluded.user_id, founded = excluded.founded, created_at = now() \
+                     WHERE idempotency_keys.created_at < now() - interval '24 hours'",
+                    &[&k.key, &k.fingerprint, &user_id, &founded],
+                )
+                .await
+                .map_err(unavailable)?;
+            if n == 0 {
+                return Err(StoreError::IdempotencyKeyTaken);
+            }
+        }
+        crate::failpoint::hit("signup:in-transaction");
         tx.commit().await.map_err(unavailable)?;
-        Ok(UserRecord {
-            id: UserId(row.get(0)),
-            username: user.username.clone(),
-            attributes: user.attributes.clone(),
-            group_id: group.group_id,
-            created_at: row.get(1),
+        Ok(Committed {
+            user: UserRecord {
+                id: UserId(user_id),
+                username: user.username.clone(),
+                attributes: user.attributes.clone(),
+                group_id,
+                created_at: row.get(1),
+            },
+            group_attributes,
+            founded,
         })
+    }
+
+    async fn replay(&self, key: &str) -> Result<Option<Replay>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT k.fingerprint, k.founded, u.id, u.username, u.attributes, u.group_id, \
+                        u.created_at, g.attributes \
+                 FROM idempotency_keys k JOIN users u ON u.id = k.user_id \
+                 JOIN groups g ON g.id = u.group_id \
+                 WHERE k.key = $1 AND k.created_at >= now() - interval '24 hours'",
+                &[&key],
+            )
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| {
+            Ok(Replay {
+                fingerprint: r.get(0),
+                committed: Committed {
+                    founded: r.get(1),
+                    user: UserRecord {
+                        id: UserId(r.get(2)),
+                        username: username_from_row(r.get(3))?,
+                        attributes: attrs_from_row(r.get(4))?,
+                        group_id: GroupId(r.get(5)),
+                        created_at: r.get(6),
+                    },
+                    group_attributes: attrs_from_row(r.get(7))?,
+                },
+            })
+        })
+        .transpose()
     }
 
     async fn credentials(&self, username: &Username) -> Result<Option<Credentials>, StoreError> {
@@ -343,54 +455,104 @@ impl Store for PgStore {
     }
 }
 
-#[async_trait]
-impl IndexSource for PgStore {
-    async fn lock_rebuild(&self, t: Threshold) -> Result<Option<RebuildLock>, IndexError> {
-        let client = self.client().await?;
-        let got: bool = client
-            .query_one(
-                "SELECT pg_try_advisory_lock($1, $2)",
-                &[&LOCK_CLASS, &(REBUILD_LOCK_BASE + t.get() as i32)],
+/// Writes the t-subsets of every group (in id order) for threshold `t`,
+/// inside the caller's transaction. The first owner of a subset takes the
+/// primary key; later owners (groups that overlap under `t`, possible only
+/// after a threshold was lowered) go to `group_subset_overlaps`.
+async fn backfill_subsets(
+    tx: &deadpool_postgres::Transaction<'_>,
+    t: Threshold,
+) -> Result<u64, StoreError> {
+    let mut after = i64::MIN;
+    let mut n = 0u64;
+    loop {
+        let rows = tx
+            .query(
+                "SELECT id, attributes FROM groups WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &(BACKFILL_BATCH as i64)],
             )
+            .await
+            .map_err(unavailable)?;
+        let Some(last) = rows.last() else {
+            return Ok(n);
+        };
+        after = last.get(0);
+        let mut subsets: Vec<Vec<u8>> = Vec::new();
+        let mut owners: Vec<i64> = Vec::new();
+        for r in &rows {
+            let id: i64 = r.get(0);
+            let attrs = attrs_from_row(r.get(1))?;
+            for k in subset_keys(&attrs, t) {
+                subsets.push(k);
+                owners.push(id);
+            }
+        }
+        let inserted = tx
+            .query(
+                "INSERT INTO group_subsets (threshold, subset, group_id) \
+                 SELECT $1, s, g FROM unnest($2::bytea[], $3::bigint[]) AS u(s, g) ORDER BY g \
+                 ON CONFLICT DO NOTHING RETURNING subset, group_id",
+                &[&(t.get() as i16), &subsets, &owners],
+            )
+            .await
+            .map_err(unavailable)?;
+        let taken: std::collections::HashSet<(Vec<u8>, i64)> =
+            inserted.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let (mut os, mut og) = (Vec::new(), Vec::new());
+        for (s, g) in subsets.into_iter().zip(owners) {
+            if !taken.contains(&(s.clone(), g)) {
+                os.push(s);
+                og.push(g);
+            }
+        }
+        if !os.is_empty() {
+            tx.execute(
+                "INSERT INTO group_subset_overlaps (threshold, subset, group_id) \
+                 SELECT $1, s, g FROM unnest($2::bytea[], $3::bigint[]) AS u(s, g) \
+                 ON CONFLICT DO NOTHING",
+                &[&(t.get() as i16), &os, &og],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        n += rows.len() as u64;
+    }
+}
+
+impl PgStore {
+    /// Changes the deployment's threshold: rebuilds the subset table for the
+    /// new one and marks the Redis index dirty, in one transaction that
+    /// waits for signups in flight. Existing groups stay as they are.
+    pub async fn set_threshold(&self, t: Threshold) -> Result<(usize, u64), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        let old: i32 = tx
+            .query_opt("SELECT threshold FROM deployment FOR UPDATE", &[])
             .await
             .map_err(unavailable)?
-            .get(0);
-        if !got {
-            return Ok(None);
-        }
-        // The lock belongs to this session: take the connection out of the
-        // pool so that dropping the guard closes it and releases the lock,
-        // even if the rebuild fails half-way.
-        let conn = deadpool_postgres::Object::take(client);
-        Ok(Some(RebuildLock(Box::new(conn))))
-    }
-
-    async fn advance_epoch(&self, t: Threshold) -> Result<Epoch, IndexError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                "INSERT INTO index_epochs (threshold, epoch) VALUES ($1, nextval('index_epochs_seq')) \
-                 ON CONFLICT (threshold) DO UPDATE SET epoch = excluded.epoch, updated_at = now() \
-                 RETURNING epoch",
-                &[&(t.get() as i32)],
-            )
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        tx.batch_execute("DELETE FROM group_subsets; DELETE FROM group_subset_overlaps;")
             .await
             .map_err(unavailable)?;
-        Ok(Epoch(row.get(0)))
-    }
-
-    async fn current_epoch(&self, t: Threshold) -> Result<Option<Epoch>, IndexError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT epoch FROM index_epochs WHERE threshold = $1",
-                &[&(t.get() as i32)],
-            )
+        let n = backfill_subsets(&tx, t).await?;
+        tx.execute(
+            "INSERT INTO deployment (threshold) VALUES ($1) ON CONFLICT (singleton) DO UPDATE \
+             SET threshold = $1, index_dirty = deployment.index_dirty + 1, updated_at = now()",
+            &[&(t.get() as i32)],
+        )
+        .await
+        .map_err(unavailable)?;
+        tx.execute("UPDATE groups SET indexed = false WHERE indexed", &[])
             .await
             .map_err(unavailable)?;
-        Ok(row.map(|r| Epoch(r.get(0))))
+        tx.commit().await.map_err(unavailable)?;
+        Ok((old as usize, n))
     }
+}
 
+#[async_trait]
+impl IndexSource for PgStore {
     async fn group_count(&self) -> Result<u64, IndexError> {
         Ok(self.counts().await?.0)
     }
@@ -401,5 +563,101 @@ impl IndexSource for PgStore {
         limit: usize,
     ) -> Result<Vec<(GroupId, AttributeSet)>, IndexError> {
         Ok(Store::groups_after(self, after, limit).await?)
+    }
+
+    async fn unindexed_groups(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(GroupId, AttributeSet)>, IndexError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, attributes FROM groups WHERE NOT indexed ORDER BY id LIMIT $1",
+                &[&(limit as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Ok((GroupId(r.get(0)), attrs_from_row(r.get(1))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?)
+    }
+
+    async fn mark_indexed(&self, ids: &[GroupId]) -> Result<(), IndexError> {
+        let client = self.client().await?;
+        let ids: Vec<i64> = ids.iter().map(|g| g.0).collect();
+        client
+            .execute(
+                "UPDATE groups SET indexed = true WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn marks(&self) -> Result<IndexMarks, IndexError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT index_dirty, index_clean, index_server, threshold FROM deployment",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row
+            .map(|r| IndexMarks {
+                dirty: r.get(0),
+                clean: r.get(1),
+                synced_server: r.get(2),
+                threshold: r.get::<_, i32>(3) as usize,
+            })
+            .unwrap_or(IndexMarks {
+                dirty: 1,
+                clean: 0,
+                synced_server: None,
+                threshold: 0,
+            }))
+    }
+
+    async fn mark_dirty(&self) -> Result<(), IndexError> {
+        let client = self.client().await?;
+        client
+            .execute("UPDATE deployment SET index_dirty = index_dirty + 1", &[])
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn mark_synced(&self, dirty: i64, server: &str) -> Result<(), IndexError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE deployment SET index_clean = GREATEST(index_clean, $1), index_server = $2",
+                &[&dirty, &server],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn lock_sync(&self) -> Result<Option<SyncLock>, IndexError> {
+        let client = self.client().await?;
+        let got: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2)",
+                &[&LOCK_CLASS, &SYNC_LOCK],
+            )
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        if !got {
+            return Ok(None);
+        }
+        // The lock belongs to this session: take the connection out of the
+        // pool so that dropping the guard closes it and releases the lock,
+        // even if the sync fails half-way.
+        let conn = deadpool_postgres::Object::take(client);
+        Ok(Some(SyncLock(Box::new(conn))))
     }
 }

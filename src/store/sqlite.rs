@@ -12,9 +12,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Credentials, GroupInfo, Member, NewUser, PoolStats, Store, StoreError, UserRecord};
-use crate::domain::{AttributeSet, GroupId, UserId, Username};
-use crate::index::{GroupIdSource, IndexError};
+use super::{
+    Committed, Credentials, GroupInfo, Member, NewUser, Plan, PoolStats, Replay, Store, StoreError,
+    UserRecord, best_of,
+};
+use crate::domain::grouping::subset_keys;
+use crate::domain::{AttributeSet, GroupId, Threshold, UserId, Username};
+use crate::index::Candidate;
 
 mod embedded {
     refinery::embed_migrations!("migrations/sqlite");
@@ -23,6 +27,7 @@ mod embedded {
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    t: Threshold,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -50,7 +55,7 @@ fn time_from(s: &str) -> Result<DateTime<Utc>, StoreError> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and migrates it.
-    pub fn open(path: &Path) -> Result<Self, String> {
+    pub fn open(path: &Path, t: Threshold) -> Result<Self, String> {
         let mut conn =
             Connection::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         conn.execute_batch(
@@ -63,6 +68,7 @@ impl SqliteStore {
             .map_err(|e| format!("migration of {} failed: {e}", path.display()))?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            t,
         })
     }
 
@@ -82,22 +88,89 @@ impl SqliteStore {
     }
 }
 
-#[async_trait]
-impl GroupIdSource for SqliteStore {
-    async fn next_group_id(&self) -> Result<GroupId, IndexError> {
-        Ok(self
-            .with(|c| {
-                let tx = c.transaction().map_err(unavailable)?;
-                tx.execute("INSERT INTO group_ids DEFAULT VALUES", [])
+fn is_unique(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
+/// See `postgres::backfill_subsets`: the same, in the caller's transaction.
+fn backfill_subsets(tx: &rusqlite::Transaction<'_>, t: Threshold) -> Result<u64, StoreError> {
+    let mut stmt = tx
+        .prepare("SELECT id, attributes FROM groups ORDER BY id")
+        .map_err(unavailable)?;
+    let rows: Vec<(i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(unavailable)?
+        .collect::<Result<_, _>>()
+        .map_err(unavailable)?;
+    let mut main = tx
+        .prepare(
+            "INSERT OR IGNORE INTO group_subsets (threshold, subset, group_id) VALUES (?1, ?2, ?3)",
+        )
+        .map_err(unavailable)?;
+    let mut extra = tx
+        .prepare("INSERT OR IGNORE INTO group_subset_overlaps (threshold, subset, group_id) VALUES (?1, ?2, ?3)")
+        .map_err(unavailable)?;
+    for (id, a) in &rows {
+        let attrs = attrs_from_json(a)?;
+        for k in subset_keys(&attrs, t) {
+            if main
+                .execute(params![t.get() as i64, k, id])
+                .map_err(unavailable)?
+                == 0
+            {
+                extra
+                    .execute(params![t.get() as i64, k, id])
                     .map_err(unavailable)?;
-                let id = tx.last_insert_rowid();
-                tx.execute("DELETE FROM group_ids WHERE id < ?1", [id])
-                    .map_err(unavailable)?;
-                tx.commit().map_err(unavailable)?;
-                Ok(GroupId(id))
-            })
-            .await?)
+            }
+        }
     }
+    Ok(rows.len() as u64)
+}
+
+fn read_replay(c: &Connection, key: &str) -> Result<Option<Replay>, StoreError> {
+    let cutoff = (Utc::now() - chrono::Duration::hours(24)).to_rfc3339();
+    let row = c
+        .query_row(
+            "SELECT k.fingerprint, k.founded, u.id, u.username, u.attributes, u.group_id, \
+                    u.created_at, g.attributes \
+             FROM idempotency_keys k JOIN users u ON u.id = k.user_id \
+             JOIN groups g ON g.id = u.group_id \
+             WHERE k.key = ?1 AND k.created_at >= ?2",
+            params![key, cutoff],
+            |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, bool>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, String>(7)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(unavailable)?;
+    row.map(|(fp, founded, id, u, a, g, t, ga)| {
+        Ok(Replay {
+            fingerprint: fp,
+            committed: Committed {
+                founded,
+                user: UserRecord {
+                    id: UserId(id),
+                    username: Username::parse(&u).map_err(corrupt)?,
+                    attributes: attrs_from_json(&a)?,
+                    group_id: GroupId(g),
+                    created_at: time_from(&t)?,
+                },
+                group_attributes: attrs_from_json(&ga)?,
+            },
+        })
+    })
+    .transpose()
 }
 
 #[async_trait]
@@ -118,47 +191,158 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_user(&self, user: &NewUser) -> Result<UserRecord, StoreError> {
+    async fn ensure_deployment(&self, t: Threshold) -> Result<usize, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(unavailable)?;
+            let created = tx
+                .execute(
+                    "INSERT OR IGNORE INTO deployment (singleton, threshold) VALUES (1, ?1)",
+                    [t.get() as i64],
+                )
+                .map_err(unavailable)?;
+            if created == 1 {
+                backfill_subsets(&tx, t)?;
+            }
+            let deployed: i64 = tx
+                .query_row("SELECT threshold FROM deployment", [], |r| r.get(0))
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(deployed as usize)
+        })
+        .await
+    }
+
+    async fn best_group(&self, attrs: &AttributeSet) -> Result<Option<Candidate>, StoreError> {
+        let keys = subset_keys(attrs, self.t);
+        let t = self.t;
+        let attrs = attrs.clone();
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT g.id, g.attributes FROM groups g WHERE g.id IN ( \
+                       SELECT group_id FROM group_subsets WHERE threshold = ?1 AND subset = ?2 \
+                       UNION SELECT group_id FROM group_subset_overlaps WHERE threshold = ?1 AND subset = ?2)",
+                )
+                .map_err(unavailable)?;
+            let mut candidates: Vec<(GroupId, AttributeSet)> = Vec::new();
+            for k in keys {
+                let rows = stmt
+                    .query_map(params![t.get() as i64, k], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                    })
+                    .map_err(unavailable)?;
+                for row in rows {
+                    let (id, a) = row.map_err(unavailable)?;
+                    if !candidates.iter().any(|(g, _)| g.0 == id) {
+                        candidates.push((GroupId(id), attrs_from_json(&a)?));
+                    }
+                }
+            }
+            Ok(best_of(candidates, &attrs, t))
+        })
+        .await
+    }
+
+    async fn commit_signup(&self, user: &NewUser) -> Result<Committed, StoreError> {
         let user = user.clone();
+        let t = self.t;
         self.with(move |c| {
             let now = Utc::now();
             let stamp = now.to_rfc3339();
             let tx = c.transaction().map_err(unavailable)?;
-            let g = &user.placement;
+            let deployed: i64 = tx
+                .query_row("SELECT threshold FROM deployment", [], |r| r.get(0))
+                .map_err(unavailable)?;
+            if deployed as usize != t.get() {
+                return Err(StoreError::ThresholdMismatch {
+                    deployed: deployed as usize,
+                    configured: t.get(),
+                });
+            }
+            let (group_id, group_attributes, founded) = match &user.plan {
+                Plan::Join(c) => (c.id, c.attributes.clone(), false),
+                Plan::Found => {
+                    tx.execute(
+                        "INSERT INTO groups (attributes, created_at) VALUES (?1, ?2)",
+                        params![attrs_to_json(&user.attributes), stamp],
+                    )
+                    .map_err(unavailable)?;
+                    let id = tx.last_insert_rowid();
+                    let mut ins = tx
+                        .prepare_cached(
+                            "INSERT INTO group_subsets (threshold, subset, group_id) VALUES (?1, ?2, ?3)",
+                        )
+                        .map_err(unavailable)?;
+                    for k in subset_keys(&user.attributes, t) {
+                        ins.execute(params![t.get() as i64, k, id]).map_err(|e| {
+                            if is_unique(&e) {
+                                StoreError::Overlap
+                            } else {
+                                unavailable(e)
+                            }
+                        })?;
+                    }
+                    (GroupId(id), user.attributes.clone(), true)
+                }
+            };
             tx.execute(
-                "INSERT INTO groups (id, attributes, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
-                params![g.group_id.0, attrs_to_json(&g.group_attributes), stamp],
-            )
-            .map_err(unavailable)?;
-            let res = tx.execute(
                 "INSERT INTO users (username, password_hash, attributes, group_id, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     user.username.as_str(),
                     user.password_hash,
                     attrs_to_json(&user.attributes),
-                    g.group_id.0,
+                    group_id.0,
                     stamp
                 ],
-            );
-            match res {
-                Err(rusqlite::Error::SqliteFailure(e, _)) if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE => {
-                    return Err(StoreError::UsernameTaken)
+            )
+            .map_err(|e| {
+                if is_unique(&e) {
+                    StoreError::UsernameTaken
+                } else {
+                    unavailable(e)
                 }
-                Err(e) => return Err(unavailable(e)),
-                Ok(_) => {}
+            })?;
+            let user_id = tx.last_insert_rowid();
+            if let Some(k) = &user.idempotency {
+                let cutoff = (now - chrono::Duration::hours(24)).to_rfc3339();
+                tx.execute(
+                    "DELETE FROM idempotency_keys WHERE key = ?1 AND created_at < ?2",
+                    params![k.key, cutoff],
+                )
+                .map_err(unavailable)?;
+                tx.execute(
+                    "INSERT INTO idempotency_keys (key, fingerprint, user_id, founded, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![k.key, k.fingerprint, user_id, founded, stamp],
+                )
+                .map_err(|e| {
+                    if is_unique(&e) {
+                        StoreError::IdempotencyKeyTaken
+                    } else {
+                        unavailable(e)
+                    }
+                })?;
             }
-            let id = tx.last_insert_rowid();
             tx.commit().map_err(unavailable)?;
-            Ok(UserRecord {
-                id: UserId(id),
-                username: user.username.clone(),
-                attributes: user.attributes.clone(),
-                group_id: g.group_id,
-                created_at: time_from(&stamp)?,
+            Ok(Committed {
+                user: UserRecord {
+                    id: UserId(user_id),
+                    username: user.username.clone(),
+                    attributes: user.attributes.clone(),
+                    group_id,
+                    created_at: time_from(&stamp)?,
+                },
+                group_attributes,
+                founded,
             })
         })
         .await
+    }
+
+    async fn replay(&self, key: &str) -> Result<Option<Replay>, StoreError> {
+        let key = key.to_owned();
+        self.with(move |c| read_replay(c, &key)).await
     }
 
     async fn credentials(&self, username: &Username) -> Result<Option<Credentials>, StoreError> {

@@ -221,6 +221,7 @@ impl Backing {
     }
 }
 
+#[allow(dead_code)] // handles some tests use and others do not
 pub struct TestApp {
     pub address: String,
     pub metrics_port: Option<u16>,
@@ -567,4 +568,71 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
+}
+
+/// The distributed mode's parts, without the HTTP server: a migrated fresh
+/// database, a fresh Redis prefix and an index synced from the database.
+pub struct Parts {
+    pub db: Arc<TestDb>,
+    pub prefix: Arc<TestPrefix>,
+    pub store: Arc<cohort::store::postgres::PgStore>,
+    pub index: Arc<cohort::index::redis::RedisIndex>,
+}
+
+pub async fn parts(t: usize, max: usize) -> Parts {
+    use cohort::store::Store;
+    let db = TestDb::create().await;
+    let prefix = TestPrefix::new(&redis_url());
+    let t = cohort::domain::Threshold::new(t, max).unwrap();
+    let store = cohort::store::postgres::PgStore::connect(&db.url, 4, t).unwrap();
+    store.migrate().await.unwrap();
+    store.ensure_deployment(t).await.unwrap();
+    let conn =
+        cohort::index::redis::conn::RedisConn::new(&redis_url(), Duration::from_secs(5)).unwrap();
+    let index = cohort::index::redis::RedisIndex::new(Arc::new(conn), &prefix.prefix, t);
+    index.sync(&store, 64, &|_, _| {}).await.unwrap();
+    Parts {
+        db,
+        prefix,
+        store: Arc::new(store),
+        index: Arc::new(index),
+    }
+}
+
+impl Parts {
+    /// One signup through the protocol's steps, one at a time: the Redis
+    /// script and the database's subset table must decide alike; the commit
+    /// follows, then the add.
+    pub async fn place(
+        &self,
+        username: &str,
+        user: &cohort::domain::AttributeSet,
+    ) -> cohort::store::Committed {
+        use cohort::store::{NewUser, Plan, Store};
+        let in_redis = self.index.decide(user).await.unwrap().best;
+        let in_db = self.store.best_group(user).await.unwrap();
+        assert_eq!(
+            in_redis, in_db,
+            "Redis and Postgres decide differently for {user:?}"
+        );
+        let c = self
+            .store
+            .commit_signup(&NewUser {
+                username: cohort::domain::Username::parse(username).unwrap(),
+                password_hash: "x".into(),
+                attributes: user.clone(),
+                plan: in_db.map_or(Plan::Found, Plan::Join),
+                decided_in_index: false,
+                idempotency: None,
+            })
+            .await
+            .unwrap();
+        if c.founded {
+            self.index
+                .add_groups(&[(c.user.group_id, c.group_attributes.clone())])
+                .await
+                .unwrap();
+        }
+        c
+    }
 }

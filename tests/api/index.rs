@@ -1,31 +1,14 @@
-//! The Redis script against the plain linear-scan reference, and the
-//! index's lifecycle: rebuild, verify, threshold change.
-
-use std::sync::Arc;
+//! The Redis script and the database's subset table against the plain
+//! linear-scan reference, and the index's lifecycle: sync, verify, repair,
+//! threshold change.
 
 use cohort::domain::grouping::LinearScan;
-use cohort::domain::{AttributeRules, AttributeSet, GroupId, Threshold};
-use cohort::index::GroupIndex;
-use cohort::index::redis::{self as redis_index, RedisIndex};
-use cohort::store::postgres::PgStore;
+use cohort::domain::{AttributeRules, AttributeSet, Threshold};
+use cohort::index::IndexSource;
+use cohort::store::Store;
 use rand::{RngExt, SeedableRng};
 
 use crate::helpers::*;
-
-async fn fresh_index(t: usize, max: usize) -> (Arc<TestDb>, Arc<TestPrefix>, PgStore, RedisIndex) {
-    let db = TestDb::create().await;
-    let prefix = TestPrefix::new(&redis_url());
-    let store = PgStore::connect(&db.url, 4).unwrap();
-    store.migrate().await.unwrap();
-    let conn = redis_index::connect(&redis_url()).await.unwrap();
-    let index = RedisIndex::new(conn, &prefix.prefix, Threshold::new(t, max).unwrap(), 64);
-    index
-        .rebuild(&store, &|_, _| {})
-        .await
-        .unwrap()
-        .expect("no one else rebuilds");
-    (db, prefix, store, index)
-}
 
 fn random_user(rng: &mut impl rand::Rng, vocab: usize, k_max: usize, t: usize) -> AttributeSet {
     let k = rng.random_range(t..=k_max);
@@ -36,10 +19,10 @@ fn random_user(rng: &mut impl rand::Rng, vocab: usize, k_max: usize, t: usize) -
     AttributeSet::parse(&raw, rules).unwrap()
 }
 
-/// Runs `n` random signups through the script and the reference; they must
-/// agree on every one.
+/// Runs `n` random signups through the script, the subset table and the
+/// reference; all three must agree on every one.
 async fn differential(t: usize, vocab: usize, k_max: usize, n: usize, seed: u64) {
-    let (_db, _prefix, store, index) = fresh_index(t, 16).await;
+    let p = parts(t, 16).await;
     let threshold = Threshold::new(t, 16).unwrap();
     let mut reference = LinearScan::new(threshold);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -49,106 +32,137 @@ async fn differential(t: usize, vocab: usize, k_max: usize, n: usize, seed: u64)
             continue;
         }
         let want = reference.assign(&user);
-        let got = index.assign(&user, &store).await.unwrap();
+        let got = p.place(&format!("usr{i}"), &user).await;
+        // Ids come from a sequence: compare by founding order instead.
         assert_eq!(
-            (got.placement.group_id, got.placement.created),
-            (want.group_id, want.created),
+            got.founded, want.created,
             "signup {i} ({user:?}) with t={t}"
         );
-        assert_eq!(got.placement.group_attributes, want.group_attributes);
+        assert_eq!(
+            got.group_attributes, want.group_attributes,
+            "signup {i} with t={t}"
+        );
     }
+    let report = p.index.verify(p.store.as_ref()).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_script_matches_linear_scan_on_thousands_of_signups() {
+async fn script_and_subset_table_match_linear_scan_on_thousands_of_signups() {
     differential(3, 25, 8, 3_000, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_script_matches_linear_scan_for_thresholds_1_to_5() {
+async fn script_and_subset_table_match_linear_scan_for_thresholds_1_to_5() {
     for t in 1..=5 {
         differential(t, 8 + 4 * t, 10, 300, t as u64).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebuild_reproduces_the_index_and_verify_agrees() {
-    let (_db, _prefix, store, index) = fresh_index(3, 16).await;
+async fn the_subset_table_refuses_an_overlapping_founding_whatever_redis_says() {
+    use cohort::store::{NewUser, Plan, StoreError};
+    let p = parts(3, 16).await;
+    let rules = AttributeRules { min: 3, max: 16 };
+    let a = AttributeSet::parse(&["a", "b", "c", "d"], rules).unwrap();
+    p.place("first", &a).await;
+    // A founder that decided against an index lacking the group (Redis lost
+    // it): the commit fails and leaves nothing.
+    let b = AttributeSet::parse(&["a", "b", "c", "x"], rules).unwrap();
+    let res = p
+        .store
+        .commit_signup(&NewUser {
+            username: cohort::domain::Username::parse("second").unwrap(),
+            password_hash: "x".into(),
+            attributes: b,
+            plan: Plan::Found,
+            decided_in_index: false,
+            idempotency: None,
+        })
+        .await;
+    assert!(matches!(res, Err(StoreError::Overlap)), "{res:?}");
+    let (users, groups) = db_snapshot(&p.db).await;
+    assert_eq!((users.len(), groups.len()), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_skips_a_current_index_and_repairs_a_partial_one() {
+    let p = parts(3, 16).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    // Commit real groups through the store, as signups would.
     for i in 0..200 {
         let user = random_user(&mut rng, 20, 7, 3);
-        let a = index.assign(&user, &store).await.unwrap();
-        use cohort::store::{NewUser, Store};
-        store
-            .create_user(&NewUser {
-                username: cohort::domain::Username::parse(&format!("usr{i}")).unwrap(),
-                password_hash: "x".into(),
-                attributes: user,
-                placement: a.placement,
-                epoch: a.epoch.map(|e| (index.threshold(), e)),
-            })
-            .await
-            .unwrap();
+        p.place(&format!("usr{i}"), &user).await;
     }
-    let report = index.verify(&store).await.unwrap();
-    assert!(report.problems.is_empty(), "{:?}", report.problems);
-    let before = index.ready_epoch().await.unwrap().unwrap();
-    let rebuilt = index.rebuild(&store, &|_, _| {}).await.unwrap().unwrap();
-    assert!(rebuilt.epoch.0 > before.0);
-    let report = index.verify(&store).await.unwrap();
+    let report = p.index.verify(p.store.as_ref()).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert!(report.groups_checked > 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_reports_a_group_the_database_lacks() {
-    let (_db, _prefix, store, index) = fresh_index(3, 16).await;
-    let rules = AttributeRules { min: 3, max: 16 };
-    let user = AttributeSet::parse(&["a", "b", "c"], rules).unwrap();
-    // The index founds a group, and the signup dies before its commit.
-    let a = index.assign(&user, &store).await.unwrap();
-    assert!(a.placement.created);
-    let report = index.verify(&store).await.unwrap();
-    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
-    assert!(report.problems[0].contains("not in the database"));
-    // A rebuild from the system of record drops it.
-    index.rebuild(&store, &|_, _| {}).await.unwrap().unwrap();
-    assert!(index.verify(&store).await.unwrap().problems.is_empty());
-    let again = index.assign(&user, &store).await.unwrap();
-    assert!(again.placement.created);
-    assert_ne!(
-        again.placement.group_id, a.placement.group_id,
-        "ids are never reused"
-    );
-    assert!(again.placement.group_id > GroupId(0));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_threshold_gets_its_own_index_built_from_the_data() {
-    let backing = Backing::new(Mode::Distributed).await;
-    let t3 = spawn_with(backing.clone(), |_| {}).await;
-    let g = t3.signup_ok("ann", &["a", "b", "c", "d"]).await["group"]["id"].clone();
-    // Started with t=4 on the same data: it builds a t=4 index from Postgres
-    // instead of reading the t=3 one.
-    let t4 = spawn_with(backing.clone(), |s| s.match_threshold = 4).await;
-    let joined = t4.signup_ok("ben", &["a", "b", "c", "d", "e"]).await;
-    assert_eq!(joined["group"]["id"], g);
-    // Three shared is enough at t=3, not at t=4.
-    let founded = t4.signup_ok("cat", &["a", "b", "c", "x"]).await;
-    assert_eq!(founded["group"]["created"], true);
-    // The t=3 replica still serves its own index, which does not know the
-    // group t=4 founded until rebuilt; it never reads t=4's keys.
-    let Backing::Distributed { prefix, .. } = &backing else {
-        unreachable!()
-    };
-    let conn = redis_index::connect(&prefix.url).await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*meta", prefix.prefix))
-        .query_async(&mut conn.clone())
+    let again = p
+        .index
+        .sync(p.store.as_ref(), 64, &|_, _| {})
         .await
         .unwrap();
-    assert_eq!(keys.len(), 2, "one index per threshold: {keys:?}");
+    assert_eq!(again.full_pass, 0, "a current index is not rebuilt");
+    // Lose one group from Redis, as a restore from an older copy would.
+    let (_, groups) = db_snapshot(&p.db).await;
+    let victim = groups.last().unwrap().0;
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HDEL")
+        .arg(format!("{}{{idx-t3}}:g", p.prefix.prefix))
+        .arg(victim)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let report = p.index.verify(p.store.as_ref()).await.unwrap();
+    assert_eq!(
+        report.problems,
+        vec![format!("group {victim} is missing from the index")]
+    );
+    let repaired = p
+        .index
+        .sync(p.store.as_ref(), 64, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(repaired.full_pass, groups.len() as u64);
+    assert!(
+        p.index
+            .verify(p.store.as_ref())
+            .await
+            .unwrap()
+            .problems
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_committed_but_never_added_is_added_by_the_unindexed_pass() {
+    use cohort::store::{NewUser, Plan};
+    let p = parts(3, 16).await;
+    let rules = AttributeRules { min: 3, max: 16 };
+    let a = AttributeSet::parse(&["a", "b", "c"], rules).unwrap();
+    // The founder commits and dies before its add.
+    let c = p
+        .store
+        .commit_signup(&NewUser {
+            username: cohort::domain::Username::parse("founder").unwrap(),
+            password_hash: "x".into(),
+            attributes: a.clone(),
+            plan: Plan::Found,
+            decided_in_index: false,
+            idempotency: None,
+        })
+        .await
+        .unwrap();
+    assert!(p.index.decide(&a).await.unwrap().best.is_none());
+    assert_eq!(p.index.add_unindexed(p.store.as_ref()).await.unwrap(), 1);
+    assert_eq!(
+        p.index.decide(&a).await.unwrap().best.map(|b| b.id),
+        Some(c.user.group_id)
+    );
+    assert!(p.store.unindexed_groups(10).await.unwrap().is_empty());
 }
 
 fn cohort_cli(backing: &Backing, args: &[&str]) -> std::process::Output {
@@ -180,84 +194,113 @@ async fn reindex_and_verify_commands() {
     {
         app.signup_ok(&format!("usr{i}"), a).await;
     }
-    let out = cohort_cli(&backing, &["verify"]);
+    // The keeper syncs within about a second; verify agrees then.
     assert!(
-        out.status.success(),
+        eventually(10, || async {
+            cohort_cli(&backing, &["verify"]).status.success()
+        })
+        .await,
         "{}",
-        String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&cohort_cli(&backing, &["verify"]).stdout)
     );
     let out = cohort_cli(&backing, &["reindex"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
+    assert!(text.contains("already current"), "{text}");
+    let out = cohort_cli(&backing, &["reindex", "--from-scratch"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
     assert!(text.contains("reindexed 3 groups"), "{text}");
-    // Signups go on against the new epoch.
     let joined = app.signup_ok("after", &["d", "e", "f", "g"]).await;
     assert_eq!(joined["group"]["created"], false);
-    // A group the index lost is reported, and exit is non-zero.
+    // A group the index lost is reported, and exit is 1.
     let Backing::Distributed { prefix, .. } = &backing else {
         unreachable!()
     };
-    let conn = redis_index::connect(&prefix.url).await.unwrap();
-    let gkeys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*:g", prefix.prefix))
-        .query_async(&mut conn.clone())
+    let mut conn = redis::Client::open(prefix.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
         .await
         .unwrap();
     let _: () = redis::cmd("HDEL")
-        .arg(&gkeys[0])
+        .arg(format!("{}{{idx-t3}}:g", prefix.prefix))
         .arg(joined["group"]["id"].as_i64().unwrap())
-        .query_async(&mut conn.clone())
+        .query_async(&mut conn)
         .await
         .unwrap();
     let out = cohort_cli(&backing, &["verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     assert!(text.contains("is missing from the index"), "{text}");
     assert!(cohort_cli(&backing, &["reindex"]).status.success());
     assert!(cohort_cli(&backing, &["verify"]).status.success());
+    // Could not run at all: exit 2.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(["verify"])
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nothing")
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .env(
+            "COHORT_JWT_SECRET",
+            "test secret that is at least 32 bytes long",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebuild_keeps_every_group_of_overlapping_stored_groups() {
+async fn overlapping_stored_groups_stay_findable_and_block_new_overlaps() {
     // Groups that share t attributes cannot be founded at this threshold,
-    // but can be stored (founded under a higher one). Every slot must keep
-    // all of them, across rebuild batches too.
-    let (db, _prefix, store, index) = fresh_index(3, 16).await;
-    let c = db.client().await;
-    c.batch_execute(
-        "INSERT INTO groups (id, attributes) VALUES \
-         (1, '{a,b,c,d}'), (2, '{a,b,c,e}'), (3, '{a,b,c,d,e}')",
-    )
-    .await
-    .unwrap();
-    // More groups than one batch, so that overlapping slots span batches.
-    c.batch_execute(
-        "INSERT INTO groups (id, attributes) \
-         SELECT g, ARRAY['x' || g, 'y' || g, 'z' || g] FROM generate_series(4, 25000) g; \
-         INSERT INTO groups (id, attributes) VALUES (25001, '{a,b,c,f}')",
-    )
-    .await
-    .unwrap();
-    index.rebuild(&store, &|_, _| {}).await.unwrap().unwrap();
-    let report = index.verify(&store).await.unwrap();
+    // but exist after it was lowered. Both indexes keep every one of them.
+    let backing = Backing::new(Mode::Distributed).await;
+    let t4 = spawn_with(backing.clone(), |s| s.match_threshold = 4).await;
+    t4.signup_ok("ann", &["a", "b", "c", "d"]).await;
+    t4.signup_ok("bob", &["a", "b", "c", "e"]).await;
+    t4.signup_ok("cat", &["a", "b", "c", "d", "e"]).await;
+    t4.signup_ok("dan", &["a", "b", "c", "f"]).await;
+    drop(t4);
+    let out = cohort_cli(&backing, &["set-threshold", "3"]);
     assert!(
-        report.problems.is_empty(),
-        "{:?}",
-        &report.problems[..report.problems.len().min(5)]
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let rules = AttributeRules { min: 3, max: 16 };
-    let user = AttributeSet::parse(&["a", "b", "c", "e", "q"], rules).unwrap();
-    let placed = index.assign(&user, &store).await.unwrap().placement;
-    // Group 2 and 3 share 4 with the user; the smaller id wins.
-    assert_eq!(placed.group_id, GroupId(2));
-    let user = AttributeSet::parse(&["a", "b", "c", "f"], rules).unwrap();
-    assert_eq!(
-        index
-            .assign(&user, &store)
-            .await
-            .unwrap()
-            .placement
-            .group_id,
-        GroupId(25001)
+    let t3 = spawn_with(backing.clone(), |_| {}).await;
+    let placed = t3.signup_ok("eve", &["a", "b", "c", "e", "q"]).await;
+    // Groups 2 and 3 share 4 with her; the smaller id wins.
+    let (_, groups) = db_snapshot(backing.db().unwrap()).await;
+    let id_of = |attrs: &[&str]| groups.iter().find(|g| g.1 == attrs).unwrap().0;
+    assert_eq!(placed["group"]["id"], id_of(&["a", "b", "c", "e"]));
+    let placed = t3.signup_ok("fay", &["a", "b", "c", "f"]).await;
+    assert_eq!(placed["group"]["id"], id_of(&["a", "b", "c", "f"]));
+    // Nothing new may overlap any of them.
+    let res = t3.signup_ok("gus", &["b", "c", "f", "z"]).await;
+    assert_eq!(res["group"]["created"], false);
+    // Once the keeper trusts Redis, it decides the same.
+    assert!(
+        eventually(10, || async {
+            cohort_cli(&backing, &["verify"]).status.success()
+        })
+        .await
     );
+    let placed = t3.signup_ok("hal", &["a", "b", "c", "e", "r"]).await;
+    assert_eq!(placed["group"]["id"], id_of(&["a", "b", "c", "e"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_threshold_refuses_signups_and_says_how_to_fix_it() {
+    let backing = Backing::new(Mode::Distributed).await;
+    let t3 = spawn_with(backing.clone(), |_| {}).await;
+    t3.signup_ok("ann", &["a", "b", "c", "d"]).await;
+    let t4 = spawn_with(backing.clone(), |s| s.match_threshold = 4).await;
+    let body = assert_problem(t4.signup("ben", &["a", "b", "c", "d", "e"]).await, 500).await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains("set-threshold"), "{detail}");
+    assert!(detail.contains("COHORT_MATCH_THRESHOLD=4"), "{detail}");
+    // Reads still work there; the t=3 replica goes on.
+    assert_eq!(t4.get("/readyz").await.status().as_u16(), 200);
+    t3.signup_ok("cat", &["a", "b", "c", "x"]).await;
+    let (users, groups) = db_snapshot(backing.db().unwrap()).await;
+    assert_eq!(users.len(), 2);
+    assert_invariants(&users, &groups, 3);
 }

@@ -4,8 +4,10 @@
 
 mod helpers;
 
+mod cluster;
 mod concurrency;
 mod failures;
+mod faults;
 mod group;
 mod index;
 mod ops;

@@ -5,29 +5,18 @@
 //! `tests/api/properties.proptest-regressions` and replayed first.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 
-use async_trait::async_trait;
 use cohort::domain::grouping::LinearScan;
-use cohort::domain::{AttributeRules, AttributeSet, GroupId, Threshold};
+use cohort::domain::{AttributeRules, AttributeSet, GroupId, Threshold, Username};
 use cohort::index::memory::MemoryIndex;
-use cohort::index::redis::{self as redis_index, RedisIndex};
-use cohort::index::{GroupIdSource, GroupIndex, IndexError};
+use cohort::index::redis::RedisIndex;
+use cohort::index::redis::conn::RedisConn;
 use cohort::store::postgres::PgStore;
+use cohort::store::{NewUser, Plan, Store};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
 
 use crate::helpers::*;
-
-/// Ids in founding order, as a fresh database would hand them out.
-struct Counter(AtomicI64);
-
-#[async_trait]
-impl GroupIdSource for Counter {
-    async fn next_group_id(&self) -> Result<GroupId, IndexError> {
-        Ok(GroupId(self.0.fetch_add(1, Ordering::SeqCst) + 1))
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -52,19 +41,14 @@ fn case() -> impl Strategy<Value = Case> {
 }
 
 #[test]
-fn reference_memory_and_redis_script_assign_identically() {
+fn reference_memory_redis_script_and_subset_table_assign_identically() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let (db, store) = rt.block_on(async {
-        let db = TestDb::create().await;
-        let store = PgStore::connect(&db.url, 2).unwrap();
-        store.migrate().await.unwrap();
-        (db, Arc::new(store))
-    });
-    let conn = rt.block_on(redis_index::connect(&redis_url())).unwrap();
+    let db = rt.block_on(TestDb::create());
+    let conn = Arc::new(RedisConn::new(&redis_url(), std::time::Duration::from_secs(5)).unwrap());
     let mut runner = TestRunner::new(Config {
         cases: 48,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
@@ -80,27 +64,76 @@ fn reference_memory_and_redis_script_assign_identically() {
                     min: c.t,
                     max: c.max,
                 };
-                let prefix = TestPrefix::new(&redis_url());
-                let redis = RedisIndex::new(conn.clone(), &prefix.prefix, t, 16);
-                redis
-                    .rebuild(store.as_ref(), &|_, _| {})
+                // A fresh database state per case, in the same database.
+                let store = PgStore::connect(&db.url, 2, t).unwrap();
+                store.migrate().await.unwrap();
+                db.client()
                     .await
-                    .unwrap()
+                    .batch_execute(
+                        "TRUNCATE idempotency_keys, users, group_subsets, group_subset_overlaps, \
+                         groups, deployment RESTART IDENTITY; ALTER SEQUENCE group_ids RESTART",
+                    )
+                    .await
                     .unwrap();
+                store.ensure_deployment(t).await.unwrap();
+                let prefix = TestPrefix::new(&redis_url());
+                let redis = RedisIndex::new(conn.clone(), &prefix.prefix, t);
+                redis.sync(&store, 16, &|_, _| {}).await.unwrap();
                 let memory = MemoryIndex::new(t);
                 let mut reference = LinearScan::new(t);
-                let (ids_r, ids_m) = (Counter(AtomicI64::new(0)), Counter(AtomicI64::new(0)));
-                for raw in &c.users {
+                let mut founded = 0i64;
+                for (i, raw) in c.users.iter().enumerate() {
                     // Sets that merge below the threshold are refused by the
                     // API; the property is about valid signups.
                     let Ok(user) = AttributeSet::parse(raw, rules) else {
                         continue;
                     };
                     let want = reference.assign(&user);
-                    let r = redis.assign(&user, &ids_r).await.unwrap().placement;
-                    let m = memory.assign(&user, &ids_m).await.unwrap().placement;
-                    prop_assert_eq!(&r, &want, "redis script differs for {:?}", user);
-                    prop_assert_eq!(&m, &want, "in-process index differs for {:?}", user);
+                    let r = redis.decide(&user).await.unwrap().best;
+                    let m = memory.best_now(&user);
+                    let p = store.best_group(&user).await.unwrap();
+                    let want_join = (!want.created).then_some(want.group_id);
+                    prop_assert_eq!(
+                        r.as_ref().map(|b| b.id),
+                        want_join,
+                        "redis script differs for {:?}",
+                        user
+                    );
+                    prop_assert_eq!(
+                        m.as_ref().map(|b| b.id),
+                        want_join,
+                        "in-process index differs for {:?}",
+                        user
+                    );
+                    prop_assert_eq!(
+                        p.as_ref().map(|b| b.id),
+                        want_join,
+                        "subset table differs for {:?}",
+                        user
+                    );
+                    let committed = store
+                        .commit_signup(&NewUser {
+                            username: Username::parse(&format!("usr{i}")).unwrap(),
+                            password_hash: "x".into(),
+                            attributes: user.clone(),
+                            plan: p.map_or(Plan::Found, Plan::Join),
+                            decided_in_index: false,
+                            idempotency: None,
+                        })
+                        .await
+                        .unwrap();
+                    prop_assert_eq!(committed.founded, want.created);
+                    if committed.founded {
+                        founded += 1;
+                        // The reference numbers groups 1, 2, ... as does a
+                        // fresh sequence.
+                        prop_assert_eq!(committed.user.group_id, GroupId(founded));
+                        redis
+                            .add_groups(&[(committed.user.group_id, user.clone())])
+                            .await
+                            .unwrap();
+                        memory.add_now(committed.user.group_id, user.clone());
+                    }
                 }
                 Ok(())
             })
