@@ -333,3 +333,25 @@ async fn idempotent_retries_in_embedded_mode() {
     assert_eq!(a, b);
     assert_problem(send(json!(["a", "b", "x"])).await.unwrap(), 422).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_restored_from_an_older_snapshot_between_bursts_is_not_trusted() {
+    // No signup is in flight when Redis comes back older, so no founder's
+    // add fails and nothing is marked dirty: only the server's new identity
+    // tells the replicas that the index they reconnect to lost groups.
+    let db = TestDb::create().await;
+    let mut redis = SnapshotRedis::start();
+    let rs: Vec<Replica> = (0..3)
+        .map(|_| Replica::start(&db.url, &redis.url(), "c:", &[]))
+        .collect();
+    let targets = bases(&rs.iter().collect::<Vec<_>>());
+    let history = History::default();
+    load(targets.clone(), 4, 15, VOCAB, "a", history.clone(), true).await;
+    redis.cmd(&["SAVE"]).await.unwrap();
+    load(targets.clone(), 4, 15, VOCAB, "bb", history.clone(), true).await;
+    redis.shutdown_nosave().await;
+    redis.restart();
+    load(targets.clone(), 4, 25, VOCAB, "ccc", history.clone(), true).await;
+    check(&db.url, &history, 3).await;
+    verified_soon(&db.url, &redis.url(), "c:").await;
+}
