@@ -87,7 +87,7 @@ async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
         }
         None => {
             // Opening the embedded store migrates it.
-            cohort::startup::embedded(&config).await?;
+            cohort::startup::embedded(&config, &cohort::telemetry::Metrics::new()).await?;
             tracing::info!("embedded database migrated");
         }
     }

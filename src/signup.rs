@@ -89,9 +89,16 @@ pub struct SignupProtocol {
     /// Embedded mode: decide, commit and add under one lock.
     serial: Option<tokio::sync::Mutex<()>>,
     fingerprint_key: Vec<u8>,
+    /// Counts decisions by source (`index`, `database`).
+    decisions: Option<prometheus::IntCounterVec>,
 }
 
 impl SignupProtocol {
+    pub fn count_decisions(mut self, counter: prometheus::IntCounterVec) -> Self {
+        self.decisions = Some(counter);
+        self
+    }
+
     pub fn distributed(store: Arc<dyn Store>, shared: Arc<SharedIndex>, secret: &[u8]) -> Self {
         Self {
             store,
@@ -99,6 +106,7 @@ impl SignupProtocol {
             shared: Some(shared),
             serial: None,
             fingerprint_key: fingerprint_key(secret),
+            decisions: None,
         }
     }
 
@@ -109,6 +117,7 @@ impl SignupProtocol {
             shared: None,
             serial: Some(tokio::sync::Mutex::new(())),
             fingerprint_key: fingerprint_key(secret),
+            decisions: None,
         }
     }
 
@@ -177,6 +186,10 @@ impl SignupProtocol {
                 // Harmless if it was there; best effort, the keeper adds it
                 // anyway.
                 let _ = self.index.add(&[(c.id, c.attributes.clone())]).await;
+            }
+            if let Some(c) = &self.decisions {
+                let source = if in_index { "index" } else { "database" };
+                c.with_label_values(&[source]).inc();
             }
             crate::failpoint::hit("signup:decided");
             let user = NewUser {

@@ -116,7 +116,8 @@ pub async fn distributed(
         .context("invalid REDIS_URL")?;
     let store: Arc<dyn Store> = pg;
     Ok(Backends {
-        protocol: SignupProtocol::distributed(store.clone(), shared.clone(), jwt_secret),
+        protocol: SignupProtocol::distributed(store.clone(), shared.clone(), jwt_secret)
+            .count_decisions(metrics.decisions.clone()),
         store,
         shared_index: Some(shared),
         limiter: Arc::new(RedisLimiter::new(limiter, &config.settings.redis_prefix)),
@@ -126,7 +127,7 @@ pub async fn distributed(
 }
 
 /// Embedded mode: a SQLite file and an in-process index rebuilt from it.
-pub async fn embedded(config: &Config) -> anyhow::Result<Backends> {
+pub async fn embedded(config: &Config, metrics: &Metrics) -> anyhow::Result<Backends> {
     let Mode::Embedded { data_dir } = &config.mode else {
         return Err(anyhow!("not in embedded mode"));
     };
@@ -170,7 +171,8 @@ pub async fn embedded(config: &Config) -> anyhow::Result<Backends> {
     );
     let store: Arc<dyn Store> = store;
     Ok(Backends {
-        protocol: SignupProtocol::embedded(store.clone(), index, &jwt_secret),
+        protocol: SignupProtocol::embedded(store.clone(), index, &jwt_secret)
+            .count_decisions(metrics.decisions.clone()),
         store,
         shared_index: None,
         limiter: Arc::new(MemoryLimiter::default()),
@@ -242,7 +244,7 @@ impl Application {
         let metrics = Metrics::new();
         let backends = match config.mode {
             Mode::Distributed { .. } => distributed(&config, migrate, &metrics).await?,
-            Mode::Embedded { .. } => embedded(&config).await?,
+            Mode::Embedded { .. } => embedded(&config, &metrics).await?,
         };
         Self::with_backends(config, metrics, backends).await
     }
@@ -371,9 +373,13 @@ fn spawn_count_refresher(service: web::Data<Service>) {
         loop {
             tick.tick().await;
             let Some(svc) = weak.upgrade() else { return };
-            if let Ok((g, u)) = svc.store.counts().await {
-                svc.metrics.groups.set(g as i64);
-                svc.metrics.users.set(u as i64);
+            match svc.store.counts().await {
+                Ok((g, u)) => {
+                    svc.metrics.groups.set(g as i64);
+                    svc.metrics.users.set(u as i64);
+                    svc.metrics.ready.set(1);
+                }
+                Err(_) => svc.metrics.ready.set(0),
             }
             let state = svc.index_state();
             svc.metrics

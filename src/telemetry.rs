@@ -46,7 +46,8 @@ pub struct Metrics {
     pub users: IntGauge,
     pub index_ready: IntGauge,
     pub index_rebuilds: IntCounter,
-    pub index_unavailable: IntCounter,
+    pub decisions: IntCounterVec,
+    pub ready: IntGauge,
     pub password_hash_seconds: Histogram,
     pub db_pool_size: IntGauge,
     pub db_pool_available: IntGauge,
@@ -102,9 +103,15 @@ impl Metrics {
         let groups =
             IntGauge::new("cohort_groups", "Groups, as this replica last saw them.").unwrap();
         let users = IntGauge::new("cohort_users", "Users, as this replica last saw them.").unwrap();
+        let ready = IntGauge::new(
+            "cohort_ready",
+            "1 when this replica can serve every endpoint (its database is reachable), as /readyz says.",
+        )
+        .unwrap();
         let index_ready = IntGauge::new(
             "cohort_index_ready",
-            "1 when the group index is loaded and ready.",
+            "1 when this replica trusts the shared group index and decides signups in it; 0 while \
+             signups are decided from the database (index missing, rebuilding or unreachable).",
         )
         .unwrap();
         let index_rebuilds = IntCounter::new(
@@ -112,9 +119,13 @@ impl Metrics {
             "Index rebuilds completed by this replica.",
         )
         .unwrap();
-        let index_unavailable = IntCounter::new(
-            "cohort_index_unavailable_total",
-            "Signups refused because the index was lost, stale or being rebuilt.",
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "cohort_signup_decisions_total",
+                "Signup placement decisions, by where they were made: the shared index, or the \
+                 database's subset table (exact, slower) when the index is not trusted.",
+            ),
+            &["source"],
         )
         .unwrap();
         let password_hash_seconds = Histogram::with_opts(
@@ -151,7 +162,8 @@ impl Metrics {
             Box::new(users.clone()),
             Box::new(index_ready.clone()),
             Box::new(index_rebuilds.clone()),
-            Box::new(index_unavailable.clone()),
+            Box::new(decisions.clone()),
+            Box::new(ready.clone()),
             Box::new(password_hash_seconds.clone()),
             Box::new(db_pool_size.clone()),
             Box::new(db_pool_available.clone()),
@@ -174,7 +186,8 @@ impl Metrics {
             users,
             index_ready,
             index_rebuilds,
-            index_unavailable,
+            decisions,
+            ready,
             password_hash_seconds,
             db_pool_size,
             db_pool_available,

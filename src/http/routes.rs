@@ -309,8 +309,10 @@ pub async fn healthz() -> HttpResponse {
     ))]
 pub async fn readyz(service: web::Data<Service>) -> Result<HttpResponse, AppError> {
     if let Err(e) = service.store.ping().await {
+        service.metrics.ready.set(0);
         return Err(AppError::Unavailable(format!("database: {e}")));
     }
+    service.metrics.ready.set(1);
     let state = service.index_state();
     service
         .metrics
