@@ -59,7 +59,7 @@ pub fn api(cfg: &mut web::ServiceConfig, with_metrics: bool) {
     .service(resource("/v1/me/group").route(web::get().to(routes::my_group)))
     .service(resource("/healthz").route(web::get().to(routes::healthz)))
     .service(resource("/readyz").route(web::get().to(routes::readyz)))
-    .service(resource("/openapi.json").route(web::get().to(routes::openapi)));
+    .service(resource("/openapi.json").route(web::get().to(openapi::serve)));
     if with_metrics {
         metrics(cfg);
     }

@@ -1,4 +1,5 @@
-//! The OpenAPI description, generated from the handlers' annotations.
+//! The OpenAPI description, generated from the handlers' annotations, and
+//! the handler that serves it. It depends on `routes`; never the reverse.
 
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -45,4 +46,11 @@ pub fn spec_json() -> &'static str {
             .to_pretty_json()
             .expect("the spec serialises")
     })
+}
+
+/// `GET /openapi.json`.
+pub async fn serve() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type("application/json")
+        .body(spec_json())
 }

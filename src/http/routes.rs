@@ -334,12 +334,6 @@ pub async fn metrics(service: web::Data<Service>) -> HttpResponse {
         .body(service.metrics.render())
 }
 
-pub async fn openapi() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .body(super::openapi::spec_json())
-}
-
 pub async fn not_found() -> Result<HttpResponse, AppError> {
     Err(AppError::NotFound)
 }

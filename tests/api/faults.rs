@@ -355,3 +355,38 @@ async fn redis_restored_from_an_older_snapshot_between_bursts_is_not_trusted() {
     check(&db.url, &history, 3).await;
     verified_soon(&db.url, &redis.url(), "c:").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embedded_racing_signups_leave_the_in_process_index_untouched() {
+    let app = Arc::new(spawn_app(Mode::Embedded).await);
+    let history = History::default();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let app = app.clone();
+        let history = history.clone();
+        tasks.push(tokio::spawn(async move {
+            let attrs: Vec<String> = (0..3).map(|j| format!("x{i}y{j}")).collect();
+            signup_once(&app.http, &app.address, "samename", &attrs, None, &history).await
+        }));
+    }
+    let mut winner = None;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Answer::Created { .. } => winner = Some(i),
+            Answer::Status(409) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Every loser's attributes found a group of their own: none was left in
+    // the index by a refused signup.
+    let winner = winner.expect("one signup wins");
+    for i in (0..12).filter(|&i| i != winner) {
+        let attrs: Vec<String> = (0..3).map(|j| format!("x{i}y{j}")).collect();
+        let refs: Vec<&str> = attrs.iter().map(|s| s.as_str()).collect();
+        let body = app.signup_ok(&format!("later{i}"), &refs).await;
+        assert_eq!(
+            body["group"]["created"], true,
+            "a refused signup left group {body}"
+        );
+    }
+}

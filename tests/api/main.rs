@@ -15,3 +15,4 @@ mod properties;
 mod restart;
 mod signin;
 mod signup;
+mod store;

@@ -1,0 +1,182 @@
+//! One behaviour suite for both stores: the Postgres store and the embedded
+//! SQLite store must keep the same promises through the `Store` trait.
+
+use std::sync::Arc;
+
+use cohort::domain::{AttributeRules, AttributeSet, Threshold, Username};
+use cohort::index::Candidate;
+use cohort::store::postgres::PgStore;
+use cohort::store::sqlite::SqliteStore;
+use cohort::store::{Committed, IdempotencyRecord, NewUser, Plan, Store, StoreError};
+
+use crate::helpers::*;
+
+/// Where a store's data lives, so that a second store (another threshold)
+/// can be opened over the same data.
+enum Place {
+    Pg(Arc<TestDb>),
+    Sqlite(tempfile::TempDir),
+}
+
+impl Place {
+    async fn new(pg: bool) -> Self {
+        if pg {
+            Place::Pg(TestDb::create().await)
+        } else {
+            Place::Sqlite(tempfile::tempdir().unwrap())
+        }
+    }
+
+    async fn open(&self, t: usize) -> Arc<dyn Store> {
+        let t = Threshold::new(t, 16).unwrap();
+        let store: Arc<dyn Store> = match self {
+            Place::Pg(db) => {
+                let s = PgStore::connect(&db.url, 2, t).unwrap();
+                s.migrate().await.unwrap();
+                Arc::new(s)
+            }
+            Place::Sqlite(dir) => {
+                Arc::new(SqliteStore::open(&dir.path().join("db.sqlite3"), t).unwrap())
+            }
+        };
+        store.ensure_deployment(t).await.unwrap();
+        store
+    }
+}
+
+fn set(xs: &[&str]) -> AttributeSet {
+    AttributeSet::parse(xs, AttributeRules { min: 1, max: 16 }).unwrap()
+}
+
+fn new_user(name: &str, attrs: &AttributeSet, plan: Plan) -> NewUser {
+    NewUser {
+        username: Username::parse(name).unwrap(),
+        password_hash: "hash".into(),
+        attributes: attrs.clone(),
+        plan,
+        decided_in_index: false,
+        idempotency: None,
+    }
+}
+
+/// The protocol's steps 2 and 3, from the store alone.
+async fn place(s: &dyn Store, name: &str, attrs: &[&str]) -> Result<Committed, StoreError> {
+    let attrs = set(attrs);
+    let plan = s.best_group(&attrs).await?.map_or(Plan::Found, Plan::Join);
+    s.commit_signup(&new_user(name, &attrs, plan)).await
+}
+
+async fn behaves(pg: bool) {
+    let place_ = Place::new(pg).await;
+    let s = place_.open(3).await;
+
+    // Founding and joining, members in join order, counts kept.
+    let ann = place(s.as_ref(), "ann", &["a", "b", "c", "d"])
+        .await
+        .unwrap();
+    assert!(ann.founded);
+    assert_eq!(ann.group_attributes, set(&["a", "b", "c", "d"]));
+    let bob = place(s.as_ref(), "bob", &["a", "b", "c", "x"])
+        .await
+        .unwrap();
+    assert!(!bob.founded);
+    assert_eq!(bob.user.group_id, ann.user.group_id);
+    let members = s.members(ann.user.group_id, None, 10).await.unwrap();
+    let names: Vec<&str> = members.iter().map(|m| m.username.as_str()).collect();
+    assert_eq!(names, ["ann", "bob"]);
+    let g = s.group(ann.user.group_id).await.unwrap().unwrap();
+    assert_eq!(g.member_count, 2);
+    assert_eq!(s.counts().await.unwrap(), (1, 2));
+
+    // The best group: the largest overlap, then the smallest id.
+    let cat = place(s.as_ref(), "cat", &["p", "q", "r", "s"])
+        .await
+        .unwrap();
+    assert!(cat.founded);
+    let best = s
+        .best_group(&set(&["a", "b", "c", "p", "q", "r", "s"]))
+        .await
+        .unwrap();
+    assert_eq!(best.map(|c| c.id), Some(cat.user.group_id));
+    assert!(
+        s.best_group(&set(&["a", "b", "p", "q"]))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // An overlapping founding is refused, and leaves nothing.
+    let res = s
+        .commit_signup(&new_user("dan", &set(&["p", "q", "r", "z"]), Plan::Found))
+        .await;
+    assert!(matches!(res, Err(StoreError::Overlap)), "{res:?}");
+    assert_eq!(s.counts().await.unwrap(), (2, 3));
+
+    // A taken username is refused, and its group is not left behind.
+    let res = s
+        .commit_signup(&new_user("ann", &set(&["u", "v", "w"]), Plan::Found))
+        .await;
+    assert!(matches!(res, Err(StoreError::UsernameTaken)), "{res:?}");
+    assert_eq!(s.counts().await.unwrap(), (2, 3));
+    assert!(
+        s.best_group(&set(&["u", "v", "w"]))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // An idempotency key is stored with the user and replayed; a second use
+    // is refused.
+    let key = IdempotencyRecord {
+        key: "key-1".into(),
+        fingerprint: vec![1, 2, 3],
+    };
+    let mut eve = new_user("eve", &set(&["e", "f", "g"]), Plan::Found);
+    eve.idempotency = Some(key.clone());
+    let first = s.commit_signup(&eve).await.unwrap();
+    let replay = s.replay("key-1").await.unwrap().unwrap();
+    assert_eq!(replay.fingerprint, key.fingerprint);
+    assert_eq!(replay.committed, first);
+    let mut fay = new_user(
+        "fay",
+        &set(&["e", "f", "g", "h"]),
+        Plan::Join(Candidate {
+            id: first.user.group_id,
+            attributes: first.group_attributes.clone(),
+        }),
+    );
+    fay.idempotency = Some(key);
+    let res = s.commit_signup(&fay).await;
+    assert!(
+        matches!(res, Err(StoreError::IdempotencyKeyTaken)),
+        "{res:?}"
+    );
+    assert!(s.replay("other").await.unwrap().is_none());
+    assert_eq!(s.counts().await.unwrap(), (3, 4));
+
+    // A store configured with another threshold keeps the recorded one and
+    // refuses to commit.
+    let other = place_.open(4).await;
+    let res = place(other.as_ref(), "gus", &["m", "n", "o", "k"]).await;
+    assert!(
+        matches!(
+            res,
+            Err(StoreError::ThresholdMismatch {
+                deployed: 3,
+                configured: 4
+            })
+        ),
+        "{res:?}"
+    );
+    assert_eq!(s.counts().await.unwrap(), (3, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_keeps_the_store_promises() {
+    behaves(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_keeps_the_store_promises() {
+    behaves(false).await;
+}
