@@ -390,3 +390,76 @@ async fn embedded_racing_signups_leave_the_in_process_index_untouched() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_redis_replica_a_founding_is_answered_once_the_replica_has_it() {
+    let master = SnapshotRedis::start();
+    let port = free_port();
+    let mut replica = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    let replica_url = format!("redis://127.0.0.1:{port}");
+    // The replica has finished its first sync before the app starts, so
+    // that the keeper's first look at the server sees it. (While a replica
+    // syncs, WAIT gets no acknowledgement: a founding then marks the index
+    // dirty instead, which is safe but not what this test is about.)
+    let replica_client = redis::Client::open(replica_url.as_str()).unwrap();
+    assert!(
+        eventually(30, || async {
+            let Ok(mut c) = replica_client.get_multiplexed_async_connection().await else {
+                return false;
+            };
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut c)
+                .await
+                .unwrap_or_default();
+            info.contains("master_link_status:up")
+        })
+        .await
+    );
+    let backing = Backing::new_with_redis(Mode::Distributed, &master.url()).await;
+    let app = spawn_with(backing.clone(), |_| {}).await;
+    // Once the keeper has seen the replica and trusts the index, a founding
+    // waits for the replica's copy before its 201.
+    assert!(
+        eventually(15, || async {
+            let b: serde_json::Value = app.get("/readyz").await.json().await.unwrap();
+            b["index"] == "ready"
+        })
+        .await
+    );
+    let body = app.signup_ok("founder", &["a", "b", "c"]).await;
+    let id = body["group"]["id"].as_i64().unwrap();
+    let Backing::Distributed { prefix, .. } = &backing else {
+        unreachable!()
+    };
+    let mut conn = redis::Client::open(replica_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let on_replica: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}{{idx-t3}}:g", prefix.prefix))
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(on_replica.is_some(), "the replica lacks an answered group");
+    let _ = replica.kill();
+    let _ = replica.wait();
+}

@@ -24,7 +24,7 @@ pub mod conn;
 pub mod sync;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use redis::{Script, Value};
@@ -49,7 +49,14 @@ pub struct RedisIndex {
     /// The bucket count key names are computed for, as last read from meta
     /// (0: not known yet).
     buckets: AtomicU32,
+    /// Replicas of the Redis server, as last seen: when there are some, an
+    /// add is acknowledged only once one of them has it (`WAIT`), so that a
+    /// failover to an asynchronous replica does not lose an answered group.
+    replicas: AtomicUsize,
 }
+
+/// How long an add waits for a replica's acknowledgement.
+const WAIT_MS: u64 = 200;
 
 /// The meta hash, as read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +80,7 @@ impl RedisIndex {
             best: Script::new(BEST_LUA),
             add: Script::new(ADD_LUA),
             buckets: AtomicU32::new(0),
+            replicas: AtomicUsize::new(0),
         }
     }
 
@@ -214,6 +222,10 @@ impl RedisIndex {
                 .map(|v| v.trim().to_owned())
                 .unwrap_or_default()
         };
+        self.replicas.store(
+            field("connected_slaves").parse().unwrap_or(0),
+            Ordering::Relaxed,
+        );
         Ok((format!("{}/{}", field("run_id"), field("master_replid")), g))
     }
 
@@ -299,7 +311,8 @@ impl RedisIndex {
                     .arg(args);
             }
             let script = ADD_LUA;
-            let (replies, _) = self
+            let replicas = self.replicas.load(Ordering::Relaxed);
+            let ((replies, acked), _) = self
                 .with_conn(|mut c| async move {
                     // After a restart the script cache is empty: load first
                     // (idempotent, and cheap next to the pipeline).
@@ -308,9 +321,24 @@ impl RedisIndex {
                         .arg(script)
                         .query_async::<String>(&mut c)
                         .await?;
-                    pipe.query_async::<Vec<Vec<Value>>>(&mut c).await
+                    let replies = pipe.query_async::<Vec<Vec<Value>>>(&mut c).await?;
+                    let acked = if replicas > 0 {
+                        redis::cmd("WAIT")
+                            .arg(1)
+                            .arg(WAIT_MS)
+                            .query_async::<usize>(&mut c)
+                            .await?
+                    } else {
+                        1
+                    };
+                    Ok((replies, acked))
                 })
                 .await?;
+            if acked == 0 {
+                return Err(IndexError::Unavailable(
+                    "no Redis replica acknowledged the add".into(),
+                ));
+            }
             let mut resized = false;
             for r in &replies {
                 match r.first().map(value_str).unwrap_or_default().as_str() {
