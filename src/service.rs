@@ -118,6 +118,7 @@ impl Service {
             Err(_) => None,
         };
         let user_id = stored.as_ref().map(|c| c.id);
+        let version = stored.as_ref().map_or(0, |c| c.token_version);
         let ok = self
             .hasher
             .verify(password, stored.map(|c| c.password_hash))
@@ -126,7 +127,7 @@ impl Service {
             (true, Some(id)) => {
                 self.limiter.reset(&key).await;
                 tracing::info!(user_id = id.0, "signin succeeded");
-                Ok(self.tokens.issue(id))
+                Ok(self.tokens.issue(id, version))
             }
             _ => {
                 self.limiter.record(&key, SIGNIN_WINDOW).await;
@@ -136,20 +137,90 @@ impl Service {
         }
     }
 
-    pub async fn me(&self, id: UserId) -> Result<UserRecord, AppError> {
-        self.store
-            .user(id)
-            .await?
-            .ok_or_else(|| AppError::Unauthorized("the token's user no longer exists".into()))
+    /// The token's user, unless it was deleted or the token revoked.
+    pub async fn me(&self, id: UserId, token_version: i64) -> Result<UserRecord, AppError> {
+        let user =
+            self.store.user(id).await?.ok_or_else(|| {
+                AppError::Unauthorized("the token's user no longer exists".into())
+            })?;
+        if user.token_version != token_version {
+            return Err(AppError::Unauthorized("the token was revoked".into()));
+        }
+        Ok(user)
+    }
+
+    /// The stored credentials of a valid, unrevoked token's user, after
+    /// checking `password` against them. Wrong password: 401.
+    async fn reauthenticate(
+        &self,
+        id: UserId,
+        token_version: i64,
+        password: &str,
+    ) -> Result<(), AppError> {
+        let creds =
+            self.store.credentials_of(id).await?.ok_or_else(|| {
+                AppError::Unauthorized("the token's user no longer exists".into())
+            })?;
+        if creds.token_version != token_version {
+            return Err(AppError::Unauthorized("the token was revoked".into()));
+        }
+        if !self
+            .hasher
+            .verify(password, Some(creds.password_hash))
+            .await
+        {
+            return Err(AppError::InvalidCredentials);
+        }
+        Ok(())
+    }
+
+    /// `PUT /v1/me/password`: every token issued before is revoked.
+    pub async fn change_password(
+        &self,
+        id: UserId,
+        token_version: i64,
+        current: &str,
+        new: String,
+    ) -> Result<(), AppError> {
+        let new = crate::domain::Password::parse(new).map_err(|m| {
+            AppError::Validation(vec![crate::domain::FieldError::new("new_password", m)])
+        })?;
+        self.reauthenticate(id, token_version, current).await?;
+        let hash = self.hasher.hash(&new).await;
+        if !self.store.set_password(id, &hash).await? {
+            return Err(AppError::Unauthorized(
+                "the token's user no longer exists".into(),
+            ));
+        }
+        tracing::info!(user_id = id.0, "password changed; earlier tokens revoked");
+        Ok(())
+    }
+
+    /// `DELETE /v1/me`: the user goes, its group stays.
+    pub async fn delete_account(
+        &self,
+        id: UserId,
+        token_version: i64,
+        password: &str,
+    ) -> Result<(), AppError> {
+        self.reauthenticate(id, token_version, password).await?;
+        if !self.store.delete_user(id).await? {
+            return Err(AppError::Unauthorized(
+                "the token's user no longer exists".into(),
+            ));
+        }
+        tracing::info!(user_id = id.0, "account deleted");
+        Ok(())
     }
 
     pub async fn my_group(
         &self,
         id: UserId,
+        token_version: i64,
         after: Option<UserId>,
         limit: usize,
     ) -> Result<GroupView, AppError> {
-        let me = self.me(id).await?;
+        let me = self.me(id, token_version).await?;
         let group = self.group_of(me.group_id).await?;
         let mut members = self.store.members(me.group_id, after, limit + 1).await?;
         let next_after = if members.len() > limit {

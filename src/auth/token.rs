@@ -20,6 +20,10 @@ pub struct Claims {
     pub aud: String,
     pub iat: u64,
     pub exp: u64,
+    /// The user's token version when issued: a password change bumps it,
+    /// revoking every token issued before.
+    #[serde(default)]
+    pub ver: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +80,7 @@ impl Tokens {
         self.ttl_secs
     }
 
-    pub fn issue(&self, user: UserId) -> String {
+    pub fn issue(&self, user: UserId, version: i64) -> String {
         let iat = now();
         let claims = Claims {
             sub: user.0.to_string(),
@@ -84,21 +88,24 @@ impl Tokens {
             aud: AUDIENCE.into(),
             iat,
             exp: iat + self.ttl_secs,
+            ver: version,
         };
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 encoding cannot fail")
     }
 
-    pub fn verify(&self, token: &str) -> Result<UserId, TokenError> {
+    /// The token's user and the token version it was issued under.
+    pub fn verify(&self, token: &str) -> Result<(UserId, i64), TokenError> {
         let data = decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|_| TokenError::Invalid)?;
         if data.claims.iat > now() + self.validation.leeway {
             return Err(TokenError::Invalid);
         }
+        let ver = data.claims.ver;
         data.claims
             .sub
             .parse()
-            .map(UserId)
+            .map(|id| (UserId(id), ver))
             .map_err(|_| TokenError::Invalid)
     }
 }
@@ -120,13 +127,14 @@ mod tests {
             aud: aud.into(),
             iat: now(),
             exp,
+            ver: 0,
         }
     }
 
     #[test]
     fn round_trip() {
         let t = Tokens::new(SECRET, 60).unwrap();
-        assert_eq!(t.verify(&t.issue(UserId(7))).unwrap(), UserId(7));
+        assert_eq!(t.verify(&t.issue(UserId(7), 3)).unwrap(), (UserId(7), 3));
     }
 
     #[test]

@@ -9,7 +9,9 @@ use crate::domain::UserId;
 use crate::error::AppError;
 use crate::service::Service;
 
-pub struct Authenticated(pub UserId);
+/// A valid token's user, and the token version it was issued under (the
+/// service refuses it if the user's version has moved on).
+pub struct Authenticated(pub UserId, pub i64);
 
 impl FromRequest for Authenticated {
     type Error = AppError;
@@ -41,6 +43,6 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, AppError> {
     service
         .tokens
         .verify(token)
-        .map(Authenticated)
+        .map(|(id, ver)| Authenticated(id, ver))
         .map_err(|_| AppError::Unauthorized("invalid or expired token".into()))
 }

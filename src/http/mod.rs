@@ -55,7 +55,12 @@ pub fn api(cfg: &mut web::ServiceConfig, with_metrics: bool) {
     .app_data(web::QueryConfig::default().error_handler(query_error))
     .service(resource("/v1/signup").route(web::post().to(routes::signup)))
     .service(resource("/v1/signin").route(web::post().to(routes::signin)))
-    .service(resource("/v1/me").route(web::get().to(routes::me)))
+    .service(
+        resource("/v1/me")
+            .route(web::get().to(routes::me))
+            .route(web::delete().to(routes::delete_me)),
+    )
+    .service(resource("/v1/me/password").route(web::put().to(routes::change_password)))
     .service(resource("/v1/me/group").route(web::get().to(routes::my_group)))
     .service(resource("/healthz").route(web::get().to(routes::healthz)))
     .service(resource("/readyz").route(web::get().to(routes::readyz)))

@@ -9,11 +9,12 @@ use super::routes;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "cohort", description = "Places every new user into a group of people like them."),
-    paths(routes::signup, routes::signin, routes::me, routes::my_group, routes::healthz, routes::readyz),
+    paths(routes::signup, routes::signin, routes::me, routes::delete_me, routes::change_password, routes::my_group, routes::healthz, routes::readyz),
     components(schemas(
         routes::SignupRequest, routes::SignupResponse, routes::GroupRef,
         routes::SigninRequest, routes::SigninResponse, routes::MeResponse,
         routes::GroupResponse, routes::GroupDetail, routes::MemberView,
+        routes::PasswordChange, routes::AccountDeletion,
         super::problem::Problem, crate::domain::FieldError,
     )),
     modifiers(&BearerAuth),

@@ -185,7 +185,7 @@ pub async fn me(
     service: web::Data<Service>,
     user: Authenticated,
 ) -> Result<HttpResponse, AppError> {
-    let u = service.me(user.0).await?;
+    let u = service.me(user.0, user.1).await?;
     Ok(HttpResponse::Ok().json(MeResponse {
         user_id: u.id.0,
         username: u.username.to_string(),
@@ -193,6 +193,66 @@ pub async fn me(
         group_id: u.group_id.0,
         created_at: u.created_at,
     }))
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct PasswordChange {
+    pub current_password: String,
+    /// 15 to 128 characters, taken exactly as given.
+    pub new_password: String,
+}
+
+#[utoipa::path(
+    put, path = "/v1/me/password", tag = "users",
+    security(("bearer" = [])),
+    request_body = PasswordChange,
+    responses(
+        (status = 204, description = "Changed; every token issued before is revoked"),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Wrong current password, or a missing, malformed, expired or revoked token", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid new password", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A backing service is down; nothing was changed", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn change_password(
+    service: web::Data<Service>,
+    user: Authenticated,
+    body: web::Json<PasswordChange>,
+) -> Result<HttpResponse, AppError> {
+    let body = body.into_inner();
+    service
+        .change_password(user.0, user.1, &body.current_password, body.new_password)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct AccountDeletion {
+    pub password: String,
+}
+
+#[utoipa::path(
+    delete, path = "/v1/me", tag = "users",
+    security(("bearer" = [])),
+    request_body = AccountDeletion,
+    responses(
+        (status = 204, description = "Deleted: gone from member lists and counts, every token revoked; the group stays"),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Wrong password, or a missing, malformed, expired or revoked token", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A backing service is down; nothing was changed", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn delete_me(
+    service: web::Data<Service>,
+    user: Authenticated,
+    body: web::Json<AccountDeletion>,
+) -> Result<HttpResponse, AppError> {
+    service
+        .delete_account(user.0, user.1, &body.password)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -274,7 +334,7 @@ pub async fn my_group(
             decode_cursor(c).ok_or_else(|| AppError::BadRequest("cursor is not valid".into()))?,
         ),
     };
-    let view = service.my_group(user.0, after, limit).await?;
+    let view = service.my_group(user.0, user.1, after, limit).await?;
     Ok(HttpResponse::Ok().json(GroupResponse {
         group: GroupDetail {
             id: view.group.id.0,

@@ -59,6 +59,8 @@ pub struct Replay {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
     pub id: UserId,
+    /// Tokens issued under an older version are revoked.
+    pub token_version: i64,
     pub username: Username,
     pub attributes: AttributeSet,
     pub group_id: GroupId,
@@ -84,6 +86,7 @@ pub struct Member {
 pub struct Credentials {
     pub id: UserId,
     pub password_hash: String,
+    pub token_version: i64,
 }
 
 /// Connection pool figures for the saturation metrics.
@@ -133,6 +136,13 @@ pub trait Store: Send + Sync {
     /// The signup stored under `key` in the last 24 hours.
     async fn replay(&self, key: &str) -> Result<Option<Replay>, StoreError>;
     async fn credentials(&self, username: &Username) -> Result<Option<Credentials>, StoreError>;
+    async fn credentials_of(&self, id: UserId) -> Result<Option<Credentials>, StoreError>;
+    /// Replaces the password hash and revokes every token issued before (a
+    /// new token version). False if the user no longer exists.
+    async fn set_password(&self, id: UserId, password_hash: &str) -> Result<bool, StoreError>;
+    /// Deletes the user: gone from member lists and counts, its tokens
+    /// revoked with it; its group stays. False if it did not exist.
+    async fn delete_user(&self, id: UserId) -> Result<bool, StoreError>;
     async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError>;
     async fn group(&self, id: GroupId) -> Result<Option<GroupInfo>, StoreError>;
     /// Members in join order, after `after`, at most `limit`.

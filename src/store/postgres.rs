@@ -290,6 +290,7 @@ impl Store for PgStore {
         Ok(Committed {
             user: UserRecord {
                 id: UserId(user_id),
+                token_version: 0,
                 username: user.username.clone(),
                 attributes: user.attributes.clone(),
                 group_id,
@@ -305,7 +306,7 @@ impl Store for PgStore {
         let row = client
             .query_opt(
                 "SELECT k.fingerprint, k.founded, u.id, u.username, u.attributes, u.group_id, \
-                        u.created_at, g.attributes \
+                        u.created_at, g.attributes, u.token_version \
                  FROM idempotency_keys k JOIN users u ON u.id = k.user_id \
                  JOIN groups g ON g.id = u.group_id \
                  WHERE k.key = $1 AND k.created_at >= now() - interval '24 hours'",
@@ -320,6 +321,7 @@ impl Store for PgStore {
                     founded: r.get(1),
                     user: UserRecord {
                         id: UserId(r.get(2)),
+                        token_version: r.get(8),
                         username: username_from_row(r.get(3))?,
                         attributes: attrs_from_row(r.get(4))?,
                         group_id: GroupId(r.get(5)),
@@ -336,7 +338,7 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, password_hash FROM users WHERE username = $1",
+                "SELECT id, password_hash, token_version FROM users WHERE username = $1",
                 &[&username.as_str()],
             )
             .await
@@ -344,14 +346,52 @@ impl Store for PgStore {
         Ok(row.map(|r| Credentials {
             id: UserId(r.get(0)),
             password_hash: r.get(1),
+            token_version: r.get(2),
         }))
+    }
+
+    async fn credentials_of(&self, id: UserId) -> Result<Option<Credentials>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, password_hash, token_version FROM users WHERE id = $1",
+                &[&id.0],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| Credentials {
+            id: UserId(r.get(0)),
+            password_hash: r.get(1),
+            token_version: r.get(2),
+        }))
+    }
+
+    async fn set_password(&self, id: UserId, password_hash: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE users SET password_hash = $2, token_version = token_version + 1 WHERE id = $1",
+                &[&id.0, &password_hash],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn delete_user(&self, id: UserId) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute("DELETE FROM users WHERE id = $1", &[&id.0])
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
     }
 
     async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT username, attributes, group_id, created_at FROM users WHERE id = $1",
+                "SELECT username, attributes, group_id, created_at, token_version FROM users WHERE id = $1",
                 &[&id.0],
             )
             .await
@@ -359,6 +399,7 @@ impl Store for PgStore {
         row.map(|r| {
             Ok(UserRecord {
                 id,
+                token_version: r.get(4),
                 username: username_from_row(r.get(0))?,
                 attributes: attrs_from_row(r.get(1))?,
                 group_id: GroupId(r.get(2)),

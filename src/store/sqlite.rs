@@ -134,7 +134,7 @@ fn read_replay(c: &Connection, key: &str) -> Result<Option<Replay>, StoreError> 
     let row = c
         .query_row(
             "SELECT k.fingerprint, k.founded, u.id, u.username, u.attributes, u.group_id, \
-                    u.created_at, g.attributes \
+                    u.created_at, g.attributes, u.token_version \
              FROM idempotency_keys k JOIN users u ON u.id = k.user_id \
              JOIN groups g ON g.id = u.group_id \
              WHERE k.key = ?1 AND k.created_at >= ?2",
@@ -149,18 +149,20 @@ fn read_replay(c: &Connection, key: &str) -> Result<Option<Replay>, StoreError> 
                     r.get::<_, i64>(5)?,
                     r.get::<_, String>(6)?,
                     r.get::<_, String>(7)?,
+                    r.get::<_, i64>(8)?,
                 ))
             },
         )
         .optional()
         .map_err(unavailable)?;
-    row.map(|(fp, founded, id, u, a, g, t, ga)| {
+    row.map(|(fp, founded, id, u, a, g, t, ga, ver)| {
         Ok(Replay {
             fingerprint: fp,
             committed: Committed {
                 founded,
                 user: UserRecord {
                     id: UserId(id),
+                    token_version: ver,
                     username: Username::parse(&u).map_err(corrupt)?,
                     attributes: attrs_from_json(&a)?,
                     group_id: GroupId(g),
@@ -328,6 +330,7 @@ impl Store for SqliteStore {
             Ok(Committed {
                 user: UserRecord {
                     id: UserId(user_id),
+                    token_version: 0,
                     username: user.username.clone(),
                     attributes: user.attributes.clone(),
                     group_id,
@@ -349,12 +352,13 @@ impl Store for SqliteStore {
         let u = username.as_str().to_owned();
         self.with(move |c| {
             c.query_row(
-                "SELECT id, password_hash FROM users WHERE username = ?1",
+                "SELECT id, password_hash, token_version FROM users WHERE username = ?1",
                 [u],
                 |r| {
                     Ok(Credentials {
                         id: UserId(r.get(0)?),
                         password_hash: r.get(1)?,
+                        token_version: r.get(2)?,
                     })
                 },
             )
@@ -364,11 +368,52 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn credentials_of(&self, id: UserId) -> Result<Option<Credentials>, StoreError> {
+        self.with(move |c| {
+            c.query_row(
+                "SELECT id, password_hash, token_version FROM users WHERE id = ?1",
+                [id.0],
+                |r| {
+                    Ok(Credentials {
+                        id: UserId(r.get(0)?),
+                        password_hash: r.get(1)?,
+                        token_version: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn set_password(&self, id: UserId, password_hash: &str) -> Result<bool, StoreError> {
+        let hash = password_hash.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE users SET password_hash = ?2, token_version = token_version + 1 WHERE id = ?1",
+                params![id.0, hash],
+            )
+            .map(|n| n == 1)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn delete_user(&self, id: UserId) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            c.execute("DELETE FROM users WHERE id = ?1", [id.0])
+                .map(|n| n == 1)
+                .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
         self.with(move |c| {
             let row = c
                 .query_row(
-                    "SELECT username, attributes, group_id, created_at FROM users WHERE id = ?1",
+                    "SELECT username, attributes, group_id, created_at, token_version FROM users WHERE id = ?1",
                     [id.0],
                     |r| {
                         Ok((
@@ -376,14 +421,16 @@ impl Store for SqliteStore {
                             r.get::<_, String>(1)?,
                             r.get::<_, i64>(2)?,
                             r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
                         ))
                     },
                 )
                 .optional()
                 .map_err(unavailable)?;
-            row.map(|(u, a, g, t)| {
+            row.map(|(u, a, g, t, ver)| {
                 Ok(UserRecord {
                     id,
+                    token_version: ver,
                     username: Username::parse(&u).map_err(corrupt)?,
                     attributes: attrs_from_json(&a)?,
                     group_id: GroupId(g),

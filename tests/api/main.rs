@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod account;
 mod cluster;
 mod concurrency;
 mod failures;
