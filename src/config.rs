@@ -120,9 +120,19 @@ pub struct Settings {
     /// HTTP worker threads (default: one per CPU).
     #[arg(long, env = "COHORT_WORKERS")]
     pub workers: Option<usize>,
-    /// Log format: json or pretty.
-    #[arg(long, env = "COHORT_LOG_FORMAT", default_value = "json")]
+    /// Log format: auto (readable on a terminal, JSON otherwise), json or pretty.
+    #[arg(long, env = "COHORT_LOG_FORMAT", default_value = "auto")]
     pub log_format: String,
+    /// A file holding COHORT_JWT_SECRET (the Kubernetes convention for
+    /// mounted secrets); trailing newlines are ignored.
+    #[arg(long, env = "COHORT_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// A file holding DATABASE_URL.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+    /// A file holding REDIS_URL.
+    #[arg(long, env = "REDIS_URL_FILE")]
+    pub redis_url_file: Option<PathBuf>,
 }
 
 /// Which backing services to use, decided by what is configured.
@@ -158,7 +168,7 @@ pub struct Config {
 }
 
 impl Settings {
-    pub fn validate(self) -> Result<Config, String> {
+    pub fn validate(mut self) -> Result<Config, String> {
         let threshold = Threshold::new(self.match_threshold, self.max_attributes)?;
         let rules = AttributeRules {
             min: self.match_threshold,
@@ -170,9 +180,24 @@ impl Settings {
         if self.db_pool_size == 0 {
             return Err("COHORT_DB_POOL_SIZE must be at least 1".into());
         }
-        if !matches!(self.log_format.as_str(), "json" | "pretty") {
-            return Err("COHORT_LOG_FORMAT must be json or pretty".into());
+        if !matches!(self.log_format.as_str(), "auto" | "json" | "pretty") {
+            return Err("COHORT_LOG_FORMAT must be auto, json or pretty".into());
         }
+        self.jwt_secret = from_file(
+            "COHORT_JWT_SECRET",
+            self.jwt_secret.take(),
+            self.jwt_secret_file.as_deref(),
+        )?;
+        self.database_url = from_file(
+            "DATABASE_URL",
+            self.database_url.take(),
+            self.database_url_file.as_deref(),
+        )?;
+        self.redis_url = from_file(
+            "REDIS_URL",
+            self.redis_url.take(),
+            self.redis_url_file.as_deref(),
+        )?;
         let mode = match (&self.database_url, &self.redis_url) {
             (Some(db), Some(redis)) => {
                 let secret = self.jwt_secret.clone().ok_or_else(|| {
@@ -210,5 +235,28 @@ impl Settings {
             threshold,
             rules,
         })
+    }
+}
+
+/// A setting given directly or as `NAME_FILE` (never both): the file's
+/// content, without trailing newlines.
+fn from_file(
+    name: &str,
+    direct: Option<String>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<String>, String> {
+    match (direct, file) {
+        (Some(_), Some(_)) => Err(format!("set {name} or {name}_FILE, not both")),
+        (Some(v), None) => Ok(Some(v)),
+        (None, None) => Ok(None),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {name}_FILE {}: {e}", path.display()))?;
+            let value = text.trim_end_matches(['\n', '\r']).to_owned();
+            if value.is_empty() {
+                return Err(format!("{name}_FILE {} is empty", path.display()));
+            }
+            Ok(Some(value))
+        }
     }
 }

@@ -21,7 +21,20 @@ pub fn init_logging(format: &str, to_stderr: bool) {
             Box::new(std::io::stdout())
         }
     };
-    let result = if format == "pretty" {
+    use std::io::IsTerminal;
+    // `auto`: readable for a person at a terminal, JSON for a log pipeline.
+    let pretty = match format {
+        "pretty" => true,
+        "auto" => {
+            if to_stderr {
+                std::io::stderr().is_terminal()
+            } else {
+                std::io::stdout().is_terminal()
+            }
+        }
+        _ => false,
+    };
+    let result = if pretty {
         fmt().with_env_filter(filter).with_writer(writer).try_init()
     } else {
         fmt()

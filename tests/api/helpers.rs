@@ -52,6 +52,9 @@ pub fn settings() -> Settings {
         signup_rate_limit: 0,
         workers: Some(1),
         log_format: "json".into(),
+        jwt_secret_file: None,
+        database_url_file: None,
+        redis_url_file: None,
     }
 }
 

@@ -119,3 +119,50 @@ fn refuses_half_distributed_configuration() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32 bytes"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_can_come_from_files() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("{text}\n")).unwrap();
+        p
+    };
+    let secret = write("jwt", "a file secret that is at least 32 bytes long");
+    let database = write("db", &db.url);
+    let redis = write("redis", &redis_url());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(["migrate"])
+        .env_clear()
+        .env("COHORT_JWT_SECRET_FILE", &secret)
+        .env("DATABASE_URL_FILE", &database)
+        .env("REDIS_URL_FILE", &redis)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let applied: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(applied >= 3);
+    // Both forms at once is a mistake, said as such.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .args(["migrate"])
+        .env_clear()
+        .env("DATABASE_URL_FILE", &database)
+        .env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", redis_url())
+        .env("COHORT_JWT_SECRET_FILE", &secret)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not both"));
+}
