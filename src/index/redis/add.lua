@@ -1,20 +1,20 @@
 #!lua
--- cohort: adds one committed group to the index. Idempotent.
+-- cohort: adds committed groups to the index. Idempotent.
 --
 -- KEYS[1]      meta hash: state, buckets
 -- KEYS[2]      groups hash: group id -> attributes joined by \31
--- KEYS[2+i]    the bucket holding the group's i-th t-subset's digest
+-- KEYS[3..]    the buckets of every subset below, in the same order
 -- ARGV[1]      the bucket count the caller computed KEYS for
--- ARGV[2]      group id
--- ARGV[3]      the group's attributes joined by \31
--- ARGV[3+i]    digest of the group's i-th t-subset (a field of KEYS[2+i])
+-- ARGV[2..]    per group: its id, its attributes joined by \31, n (its
+--              number of t-subsets), then the n digests (fields of the
+--              next n KEYS)
 --
--- Returns {"ADDED"}, {"EXISTS"}, {"NOT_READY"} (no meta: the index was
--- flushed; a rebuild recreates it) or {"BUCKETS", n}.
+-- Returns {"ADDED", added, present}, {"NOT_READY"} (no meta: the index was
+-- flushed; a sync recreates it) or {"BUCKETS", n}.
 --
--- Redis does not roll a script back on error, so every read and check comes
--- first and the writes come last; the group's attributes are written last of
--- all, so "present in the groups hash" means "fully added".
+-- Redis does not roll a script back on error, so every check comes first.
+-- Each group's attributes are written after its slots, so "present in the
+-- groups hash" means "fully added"; a group found present is skipped.
 
 local meta = redis.call('HMGET', KEYS[1], 'state', 'buckets')
 if not meta[1] then
@@ -23,34 +23,47 @@ end
 if meta[2] ~= ARGV[1] then
   return {'BUCKETS', meta[2]}
 end
-local n = #KEYS - 2
-if #ARGV ~= n + 3 then
+
+-- Check the layout before the first write.
+local a, k = 2, 3
+while a <= #ARGV do
+  local n = tonumber(ARGV[a + 2])
+  if not n then
+    return redis.error_reply('ERR cohort: malformed add arguments')
+  end
+  a = a + 3 + n
+  k = k + n
+end
+if a ~= #ARGV + 1 or k ~= #KEYS + 1 then
   return redis.error_reply('ERR cohort: KEYS and digests are not aligned')
 end
-local id = ARGV[2]
-if redis.call('HEXISTS', KEYS[2], id) == 1 then
-  return {'EXISTS'}
-end
 
-local slots = {}
-for i = 1, n do
-  slots[i] = redis.call('HGET', KEYS[2 + i], ARGV[3 + i])
-end
-
--- Writes only from here on.
-for i = 1, n do
-  local v = slots[i]
-  if not v then
-    redis.call('HSET', KEYS[2 + i], ARGV[3 + i], id)
+local added, present = 0, 0
+a, k = 2, 3
+while a <= #ARGV do
+  local id, attrs, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  if redis.call('HEXISTS', KEYS[2], id) == 1 then
+    present = present + 1
   else
-    local present = false
-    for x in string.gmatch(v, '[^,]+') do
-      if x == id then present = true end
+    for i = 0, n - 1 do
+      local key, field = KEYS[k + i], ARGV[a + 3 + i]
+      local v = redis.call('HGET', key, field)
+      if not v then
+        redis.call('HSET', key, field, id)
+      else
+        local found = false
+        for x in string.gmatch(v, '[^,]+') do
+          if x == id then found = true end
+        end
+        if not found then
+          redis.call('HSET', key, field, v .. ',' .. id)
+        end
+      end
     end
-    if not present then
-      redis.call('HSET', KEYS[2 + i], ARGV[3 + i], v .. ',' .. id)
-    end
+    redis.call('HSET', KEYS[2], id, attrs)
+    added = added + 1
   end
+  a = a + 3 + n
+  k = k + n
 end
-redis.call('HSET', KEYS[2], id, ARGV[3])
-return {'ADDED'}
+return {'ADDED', added, present}

@@ -55,6 +55,11 @@ pub struct RedisIndex {
     replicas: AtomicUsize,
 }
 
+/// Groups per call of the add script: big enough that the call's own cost
+/// is small beside the work, small enough that one call holds Redis for
+/// a few milliseconds at most (Redis serves no one meanwhile).
+const ADD_CHUNK: usize = 100;
+
 /// How long an add waits for a replica's acknowledgement.
 const WAIT_MS: u64 = 200;
 
@@ -284,7 +289,8 @@ impl RedisIndex {
         ))
     }
 
-    /// Adds committed groups in one pipeline of script calls.
+    /// Adds committed groups: one script call per chunk of groups (a
+    /// call costs more than the work of one group), all in one pipeline.
     pub async fn add_groups(&self, groups: &[(GroupId, AttributeSet)]) -> Result<(), IndexError> {
         if groups.is_empty() {
             return Ok(());
@@ -293,17 +299,22 @@ impl RedisIndex {
             let buckets = self.bucket_count().await?;
             let hash = self.add.get_hash().to_owned();
             let mut pipe = redis::pipe();
-            for (id, attrs) in groups {
+            for chunk in groups.chunks(ADD_CHUNK) {
                 let mut keys = vec![self.meta_key(), self.groups_key()];
-                let mut args: Vec<Vec<u8>> = vec![
-                    buckets.to_string().into_bytes(),
-                    id.0.to_string().into_bytes(),
-                    join(attrs.iter().map(|a| a.as_str())).into_bytes(),
-                ];
-                for_each_subset_digest(attrs, self.t, |d| {
-                    keys.push(self.bucket_key(bucket_of(d) % buckets));
-                    args.push(d[..FIELD_BYTES].to_vec());
-                });
+                let mut args: Vec<Vec<u8>> = vec![buckets.to_string().into_bytes()];
+                for (id, attrs) in chunk {
+                    args.push(id.0.to_string().into_bytes());
+                    args.push(join(attrs.iter().map(|a| a.as_str())).into_bytes());
+                    let n_at = args.len();
+                    args.push(Vec::new());
+                    let mut n = 0usize;
+                    for_each_subset_digest(attrs, self.t, |d| {
+                        keys.push(self.bucket_key(bucket_of(d) % buckets));
+                        args.push(d[..FIELD_BYTES].to_vec());
+                        n += 1;
+                    });
+                    args[n_at] = n.to_string().into_bytes();
+                }
                 pipe.cmd("EVALSHA")
                     .arg(&hash)
                     .arg(keys.len())
@@ -342,7 +353,7 @@ impl RedisIndex {
             let mut resized = false;
             for r in &replies {
                 match r.first().map(value_str).unwrap_or_default().as_str() {
-                    "ADDED" | "EXISTS" => {}
+                    "ADDED" => {}
                     "BUCKETS" => resized = true,
                     "NOT_READY" => {
                         return Err(IndexError::NotReady("the index is missing".into()));
