@@ -419,12 +419,24 @@ fn main() {
                 ] {
                     let sink = pg.copy_in(sql).await.unwrap();
                     let mut sink = Box::pin(sink);
-                    sink.send(bytes::Bytes::from(buf)).await.unwrap();
+                    // In pieces: one protocol message is at most 1 GB.
+                    let buf = bytes::Bytes::from(buf);
+                    let mut at = 0;
+                    while at < buf.len() {
+                        let mut end = (at + (8 << 20)).min(buf.len());
+                        while end < buf.len() && buf[end - 1] != b'\n' {
+                            end += 1;
+                        }
+                        sink.send(buf.slice(at..end)).await.unwrap();
+                        at = end;
+                    }
                     sink.as_mut().finish().await.unwrap();
                 }
+                // Groups the founding figures below create take ids far
+                // above the population's, which the next size loads.
                 pg.batch_execute(&format!(
                     "ANALYZE groups; ANALYZE group_subsets; SELECT setval('group_ids', {})",
-                    n + 1
+                    1_000_000_000i64 * (n as i64).ilog10() as i64
                 ))
                 .await
                 .unwrap();

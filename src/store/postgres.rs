@@ -139,7 +139,10 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT 1 FROM users WHERE username = $1",
+                &client
+                    .prepare_cached("SELECT 1 FROM users WHERE username = $1")
+                    .await
+                    .map_err(unavailable)?,
                 &[&username.as_str()],
             )
             .await
@@ -152,7 +155,7 @@ impl Store for PgStore {
         let tx = client.transaction().await.map_err(unavailable)?;
         let created = tx
             .query_opt(
-                "INSERT INTO deployment (threshold) VALUES ($1) ON CONFLICT DO NOTHING RETURNING threshold",
+                &tx.prepare_cached("INSERT INTO deployment (threshold) VALUES ($1) ON CONFLICT DO NOTHING RETURNING threshold").await.map_err(unavailable)?,
                 &[&(t.get() as i32)],
             )
             .await
@@ -166,7 +169,12 @@ impl Store for PgStore {
             }
         }
         let deployed: i32 = tx
-            .query_one("SELECT threshold FROM deployment", &[])
+            .query_one(
+                &tx.prepare_cached("SELECT threshold FROM deployment")
+                    .await
+                    .map_err(unavailable)?,
+                &[],
+            )
             .await
             .map_err(unavailable)?
             .get(0);
@@ -179,9 +187,9 @@ impl Store for PgStore {
         let keys = subset_keys(attrs, self.t);
         let rows = client
             .query(
-                "SELECT id, attributes FROM groups WHERE id IN ( \
+                &client.prepare_cached("SELECT id, attributes FROM groups WHERE id IN ( \
                    SELECT group_id FROM group_subsets WHERE threshold = $1 AND subset = ANY($2) \
-                   UNION SELECT group_id FROM group_subset_overlaps WHERE threshold = $1 AND subset = ANY($2))",
+                   UNION SELECT group_id FROM group_subset_overlaps WHERE threshold = $1 AND subset = ANY($2))").await.map_err(unavailable)?,
                 &[&(self.t.get() as i16), &keys],
             )
             .await
@@ -200,7 +208,11 @@ impl Store for PgStore {
         // but not the dirty marks (a non-key UPDATE).
         let row = tx
             .query_one(
-                "SELECT threshold, index_dirty > index_clean FROM deployment FOR KEY SHARE",
+                &tx.prepare_cached(
+                    "SELECT threshold, index_dirty > index_clean FROM deployment FOR KEY SHARE",
+                )
+                .await
+                .map_err(unavailable)?,
                 &[],
             )
             .await
@@ -220,7 +232,7 @@ impl Store for PgStore {
             Plan::Found => {
                 let id: i64 = tx
                     .query_one(
-                        "INSERT INTO groups (id, attributes) VALUES (nextval('group_ids'), $1) RETURNING id",
+                        &tx.prepare_cached("INSERT INTO groups (id, attributes) VALUES (nextval('group_ids'), $1) RETURNING id").await.map_err(unavailable)?,
                         &[&user.attributes.to_strings()],
                     )
                     .await
@@ -229,8 +241,12 @@ impl Store for PgStore {
                 // Waits for a concurrent founder holding one of these keys,
                 // then fails if it committed: it overlaps us.
                 tx.execute(
-                    "INSERT INTO group_subsets (threshold, subset, group_id) \
+                    &tx.prepare_cached(
+                        "INSERT INTO group_subsets (threshold, subset, group_id) \
                      SELECT $1, unnest($2::bytea[]), $3",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                     &[
                         &(self.t.get() as i16),
                         &subset_keys(&user.attributes, self.t),
@@ -250,8 +266,12 @@ impl Store for PgStore {
         };
         let row = tx
             .query_one(
-                "INSERT INTO users (username, password_hash, attributes, group_id) \
+                &tx.prepare_cached(
+                    "INSERT INTO users (username, password_hash, attributes, group_id) \
                  VALUES ($1, $2, $3, $4) RETURNING id, created_at",
+                )
+                .await
+                .map_err(unavailable)?,
                 &[
                     &user.username.as_str(),
                     &user.password_hash,
@@ -272,11 +292,15 @@ impl Store for PgStore {
             // An expired key (over 24 hours) is taken over; a live one is not.
             let n = tx
                 .execute(
-                    "INSERT INTO idempotency_keys (key, fingerprint, user_id, founded) \
+                    &tx.prepare_cached(
+                        "INSERT INTO idempotency_keys (key, fingerprint, user_id, founded) \
                      VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (key) DO UPDATE SET fingerprint = excluded.fingerprint, \
                        user_id = excluded.user_id, founded = excluded.founded, created_at = now() \
                      WHERE idempotency_keys.created_at < now() - interval '24 hours'",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                     &[&k.key, &k.fingerprint, &user_id, &founded],
                 )
                 .await
@@ -305,11 +329,11 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT k.fingerprint, k.founded, u.id, u.username, u.attributes, u.group_id, \
+                &client.prepare_cached("SELECT k.fingerprint, k.founded, u.id, u.username, u.attributes, u.group_id, \
                         u.created_at, g.attributes, u.token_version \
                  FROM idempotency_keys k JOIN users u ON u.id = k.user_id \
                  JOIN groups g ON g.id = u.group_id \
-                 WHERE k.key = $1 AND k.created_at >= now() - interval '24 hours'",
+                 WHERE k.key = $1 AND k.created_at >= now() - interval '24 hours'").await.map_err(unavailable)?,
                 &[&key],
             )
             .await
@@ -338,7 +362,12 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, password_hash, token_version FROM users WHERE username = $1",
+                &client
+                    .prepare_cached(
+                        "SELECT id, password_hash, token_version FROM users WHERE username = $1",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                 &[&username.as_str()],
             )
             .await
@@ -354,7 +383,12 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, password_hash, token_version FROM users WHERE id = $1",
+                &client
+                    .prepare_cached(
+                        "SELECT id, password_hash, token_version FROM users WHERE id = $1",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                 &[&id.0],
             )
             .await
@@ -370,7 +404,7 @@ impl Store for PgStore {
         let client = self.client().await?;
         let n = client
             .execute(
-                "UPDATE users SET password_hash = $2, token_version = token_version + 1 WHERE id = $1",
+                &client.prepare_cached("UPDATE users SET password_hash = $2, token_version = token_version + 1 WHERE id = $1").await.map_err(unavailable)?,
                 &[&id.0, &password_hash],
             )
             .await
@@ -381,7 +415,13 @@ impl Store for PgStore {
     async fn delete_user(&self, id: UserId) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let n = client
-            .execute("DELETE FROM users WHERE id = $1", &[&id.0])
+            .execute(
+                &client
+                    .prepare_cached("DELETE FROM users WHERE id = $1")
+                    .await
+                    .map_err(unavailable)?,
+                &[&id.0],
+            )
             .await
             .map_err(unavailable)?;
         Ok(n == 1)
@@ -391,7 +431,7 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT username, attributes, group_id, created_at, token_version FROM users WHERE id = $1",
+                &client.prepare_cached("SELECT username, attributes, group_id, created_at, token_version FROM users WHERE id = $1").await.map_err(unavailable)?,
                 &[&id.0],
             )
             .await
@@ -413,8 +453,8 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT attributes, created_at, (SELECT count(*) FROM users WHERE group_id = $1) \
-                 FROM groups WHERE id = $1",
+                &client.prepare_cached("SELECT attributes, created_at, (SELECT count(*) FROM users WHERE group_id = $1) \
+                 FROM groups WHERE id = $1").await.map_err(unavailable)?,
                 &[&id.0],
             )
             .await
@@ -439,8 +479,13 @@ impl Store for PgStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT id, username, attributes FROM users \
+                &client
+                    .prepare_cached(
+                        "SELECT id, username, attributes FROM users \
                  WHERE group_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                 &[&group.0, &after.map_or(0, |u| u.0), &(limit as i64)],
             )
             .await
@@ -460,7 +505,12 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT (SELECT count(*) FROM groups), (SELECT count(*) FROM users)",
+                &client
+                    .prepare_cached(
+                        "SELECT (SELECT count(*) FROM groups), (SELECT count(*) FROM users)",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                 &[],
             )
             .await
@@ -476,7 +526,12 @@ impl Store for PgStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT id, attributes FROM groups WHERE id > $1 ORDER BY id LIMIT $2",
+                &client
+                    .prepare_cached(
+                        "SELECT id, attributes FROM groups WHERE id > $1 ORDER BY id LIMIT $2",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                 &[&after.map_or(i64::MIN, |g| g.0), &(limit as i64)],
             )
             .await
@@ -509,7 +564,11 @@ async fn backfill_subsets(
     loop {
         let rows = tx
             .query(
-                "SELECT id, attributes FROM groups WHERE id > $1 ORDER BY id LIMIT $2",
+                &tx.prepare_cached(
+                    "SELECT id, attributes FROM groups WHERE id > $1 ORDER BY id LIMIT $2",
+                )
+                .await
+                .map_err(unavailable)?,
                 &[&after, &(BACKFILL_BATCH as i64)],
             )
             .await
@@ -530,9 +589,13 @@ async fn backfill_subsets(
         }
         let inserted = tx
             .query(
-                "INSERT INTO group_subsets (threshold, subset, group_id) \
+                &tx.prepare_cached(
+                    "INSERT INTO group_subsets (threshold, subset, group_id) \
                  SELECT $1, s, g FROM unnest($2::bytea[], $3::bigint[]) AS u(s, g) ORDER BY g \
                  ON CONFLICT DO NOTHING RETURNING subset, group_id",
+                )
+                .await
+                .map_err(unavailable)?,
                 &[&(t.get() as i16), &subsets, &owners],
             )
             .await
@@ -548,9 +611,13 @@ async fn backfill_subsets(
         }
         if !os.is_empty() {
             tx.execute(
-                "INSERT INTO group_subset_overlaps (threshold, subset, group_id) \
+                &tx.prepare_cached(
+                    "INSERT INTO group_subset_overlaps (threshold, subset, group_id) \
                  SELECT $1, s, g FROM unnest($2::bytea[], $3::bigint[]) AS u(s, g) \
                  ON CONFLICT DO NOTHING",
+                )
+                .await
+                .map_err(unavailable)?,
                 &[&(t.get() as i16), &os, &og],
             )
             .await
@@ -568,7 +635,12 @@ impl PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(unavailable)?;
         let old: i32 = tx
-            .query_opt("SELECT threshold FROM deployment FOR UPDATE", &[])
+            .query_opt(
+                &tx.prepare_cached("SELECT threshold FROM deployment FOR UPDATE")
+                    .await
+                    .map_err(unavailable)?,
+                &[],
+            )
             .await
             .map_err(unavailable)?
             .map(|r| r.get(0))
@@ -578,15 +650,24 @@ impl PgStore {
             .map_err(unavailable)?;
         let n = backfill_subsets(&tx, t).await?;
         tx.execute(
-            "INSERT INTO deployment (threshold) VALUES ($1) ON CONFLICT (singleton) DO UPDATE \
+            &tx.prepare_cached(
+                "INSERT INTO deployment (threshold) VALUES ($1) ON CONFLICT (singleton) DO UPDATE \
              SET threshold = $1, index_dirty = deployment.index_dirty + 1, updated_at = now()",
+            )
+            .await
+            .map_err(unavailable)?,
             &[&(t.get() as i32)],
         )
         .await
         .map_err(unavailable)?;
-        tx.execute("UPDATE groups SET indexed = false WHERE indexed", &[])
-            .await
-            .map_err(unavailable)?;
+        tx.execute(
+            &tx.prepare_cached("UPDATE groups SET indexed = false WHERE indexed")
+                .await
+                .map_err(unavailable)?,
+            &[],
+        )
+        .await
+        .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         Ok((old as usize, n))
     }
@@ -613,7 +694,12 @@ impl IndexSource for PgStore {
         let client = self.client().await?;
         let rows = client
             .query(
-                "SELECT id, attributes FROM groups WHERE NOT indexed ORDER BY id LIMIT $1",
+                &client
+                    .prepare_cached(
+                        "SELECT id, attributes FROM groups WHERE NOT indexed ORDER BY id LIMIT $1",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                 &[&(limit as i64)],
             )
             .await
@@ -629,7 +715,10 @@ impl IndexSource for PgStore {
         let ids: Vec<i64> = ids.iter().map(|g| g.0).collect();
         client
             .execute(
-                "UPDATE groups SET indexed = true WHERE id = ANY($1)",
+                &client
+                    .prepare_cached("UPDATE groups SET indexed = true WHERE id = ANY($1)")
+                    .await
+                    .map_err(unavailable)?,
                 &[&ids],
             )
             .await
@@ -641,7 +730,12 @@ impl IndexSource for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT index_dirty, index_clean, index_server, threshold FROM deployment",
+                &client
+                    .prepare_cached(
+                        "SELECT index_dirty, index_clean, index_server, threshold FROM deployment",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                 &[],
             )
             .await
@@ -664,7 +758,13 @@ impl IndexSource for PgStore {
     async fn mark_dirty(&self) -> Result<(), IndexError> {
         let client = self.client().await?;
         client
-            .execute("UPDATE deployment SET index_dirty = index_dirty + 1", &[])
+            .execute(
+                &client
+                    .prepare_cached("UPDATE deployment SET index_dirty = index_dirty + 1")
+                    .await
+                    .map_err(unavailable)?,
+                &[],
+            )
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -674,7 +774,7 @@ impl IndexSource for PgStore {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE deployment SET index_clean = GREATEST(index_clean, $1), index_server = $2",
+                &client.prepare_cached("UPDATE deployment SET index_clean = GREATEST(index_clean, $1), index_server = $2").await.map_err(unavailable)?,
                 &[&dirty, &server],
             )
             .await
@@ -686,7 +786,10 @@ impl IndexSource for PgStore {
         let client = self.client().await?;
         let got: bool = client
             .query_one(
-                "SELECT pg_try_advisory_lock($1, $2)",
+                &client
+                    .prepare_cached("SELECT pg_try_advisory_lock($1, $2)")
+                    .await
+                    .map_err(unavailable)?,
                 &[&LOCK_CLASS, &SYNC_LOCK],
             )
             .await

@@ -395,22 +395,32 @@ async fn embedded_racing_signups_leave_the_in_process_index_untouched() {
 async fn with_a_redis_replica_a_founding_is_answered_once_the_replica_has_it() {
     let master = SnapshotRedis::start();
     let port = free_port();
-    let mut replica = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed when the test ends, passed or failed.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _replica = Killed(
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for_port(port);
     let replica_url = format!("redis://127.0.0.1:{port}");
     // The replica has finished its first sync before the app starts, so
@@ -460,6 +470,4 @@ async fn with_a_redis_replica_a_founding_is_answered_once_the_replica_has_it() {
         .await
         .unwrap();
     assert!(on_replica.is_some(), "the replica lacks an answered group");
-    let _ = replica.kill();
-    let _ = replica.wait();
 }

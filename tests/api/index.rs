@@ -304,3 +304,46 @@ async fn a_replica_with_another_threshold_refuses_signups_and_says_how_to_fix_it
     assert_eq!(users.len(), 2);
     assert_invariants(&users, &groups, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_of_the_previous_layout_is_replaced() {
+    let p = parts(3, 16).await;
+    let rules = AttributeRules { min: 3, max: 16 };
+    p.place(
+        "first",
+        &AttributeSet::parse(&["a", "b", "c"], rules).unwrap(),
+    )
+    .await;
+    // What the first design left in Redis: an epoch in meta and per-epoch
+    // keys.
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let base = format!("{}{{idx-t3}}", p.prefix.prefix);
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{base}:meta"))
+        .arg(&["epoch", "5", "state", "ready", "buckets", "64"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{base}:e5:g"))
+        .arg(&["1", "x\x1fy\x1fz"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    p.index
+        .sync(p.store.as_ref(), 64, &|_, _| {})
+        .await
+        .unwrap();
+    let old: bool = redis::cmd("EXISTS")
+        .arg(format!("{base}:e5:g"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!old, "the previous layout's keys are dropped");
+    let report = p.index.verify(p.store.as_ref()).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}

@@ -157,6 +157,22 @@ impl RedisIndex {
         }
     }
 
+    /// Whether the meta hash is of the first design's layout (it named an
+    /// epoch, and the groups lived under per-epoch keys).
+    pub async fn has_epoch_layout(&self) -> Result<bool, IndexError> {
+        let key = self.meta_key();
+        Ok(self
+            .with_conn(|mut c| async move {
+                redis::cmd("HEXISTS")
+                    .arg(key)
+                    .arg("epoch")
+                    .query_async::<bool>(&mut c)
+                    .await
+            })
+            .await?
+            .0)
+    }
+
     /// Creates the meta hash in state `building` unless it exists; returns
     /// the meta in force.
     pub async fn create_meta(&self, buckets: u32) -> Result<Meta, IndexError> {

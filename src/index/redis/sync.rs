@@ -62,6 +62,12 @@ impl RedisIndex {
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<SyncReport, IndexError> {
         let started = Instant::now();
+        if self.has_epoch_layout().await? {
+            // Keys of the first design (one generation per epoch): dropped,
+            // and the index is built anew in the current layout.
+            let dropped = self.drop_all().await?;
+            tracing::warn!(dropped, "dropped an index of the previous layout");
+        }
         let meta = match self.meta().await? {
             Some(m) => m,
             None => {
