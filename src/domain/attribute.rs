@@ -34,12 +34,50 @@ impl Attribute {
         if canonical.chars().any(char::is_control) {
             return Err("must not contain control characters".into());
         }
+        if canonical.chars().any(is_format_char) {
+            return Err(
+                "must not contain invisible format characters (zero-width or bidirectional controls)"
+                    .into(),
+            );
+        }
         Ok(Self(canonical))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Unicode general category Cf (format), as of Unicode 15: invisible
+/// characters such as zero-width spaces and bidirectional overrides, which
+/// would let two attributes that look the same differ (or one look like
+/// another). Listed here, as the standard's table lists them, because the
+/// crates already in the tree do not expose general categories.
+fn is_format_char(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x00AD
+            | 0x0600..=0x0605
+            | 0x061C
+            | 0x06DD
+            | 0x070F
+            | 0x0890..=0x0891
+            | 0x08E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
 }
 
 /// NFKC, then lower case, then NFKC again (lower-casing can leave a string
@@ -228,6 +266,19 @@ mod tests {
     use proptest::prelude::*;
 
     const RULES: AttributeRules = AttributeRules { min: 3, max: 16 };
+
+    #[test]
+    fn invisible_format_characters_are_refused() {
+        for raw in [
+            "soft\u{200B}ware",
+            "\u{202E}erawtfos",
+            "a\u{2066}b",
+            "x\u{FEFF}",
+        ] {
+            assert!(Attribute::parse(raw).is_err(), "{raw:?} accepted");
+        }
+        assert!(Attribute::parse("café").is_ok());
+    }
 
     #[test]
     fn canonical_form_folds_case_width_and_space() {

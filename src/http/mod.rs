@@ -53,18 +53,18 @@ pub fn api(cfg: &mut web::ServiceConfig, with_metrics: bool) {
     )
     .app_data(web::PayloadConfig::default().limit(BODY_LIMIT))
     .app_data(web::QueryConfig::default().error_handler(query_error))
-    .service(resource("/v1/signup").route(web::post().to(routes::signup)))
-    .service(resource("/v1/signin").route(web::post().to(routes::signin)))
+    .service(resource("/v1/signup", "POST").route(web::post().to(routes::signup)))
+    .service(resource("/v1/signin", "POST").route(web::post().to(routes::signin)))
     .service(
-        resource("/v1/me")
+        resource("/v1/me", "GET, DELETE")
             .route(web::get().to(routes::me))
             .route(web::delete().to(routes::delete_me)),
     )
-    .service(resource("/v1/me/password").route(web::put().to(routes::change_password)))
-    .service(resource("/v1/me/group").route(web::get().to(routes::my_group)))
-    .service(resource("/healthz").route(web::get().to(routes::healthz)))
-    .service(resource("/readyz").route(web::get().to(routes::readyz)))
-    .service(resource("/openapi.json").route(web::get().to(openapi::serve)));
+    .service(resource("/v1/me/password", "PUT").route(web::put().to(routes::change_password)))
+    .service(resource("/v1/me/group", "GET").route(web::get().to(routes::my_group)))
+    .service(resource("/healthz", "GET").route(web::get().to(routes::healthz)))
+    .service(resource("/readyz", "GET").route(web::get().to(routes::readyz)))
+    .service(resource("/openapi.json", "GET").route(web::get().to(openapi::serve)));
     if with_metrics {
         metrics(cfg);
     }
@@ -73,11 +73,20 @@ pub fn api(cfg: &mut web::ServiceConfig, with_metrics: bool) {
 
 /// `/metrics` alone, for its own listener.
 pub fn metrics(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/metrics").route(web::get().to(routes::metrics)));
+    cfg.service(resource("/metrics", "GET").route(web::get().to(routes::metrics)));
 }
 
-fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(routes::method_not_allowed))
+/// A resource whose other methods get 405 with `Allow` (RFC 9110 15.5.6).
+fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move || async move {
+        use actix_web::ResponseError;
+        let mut res = AppError::MethodNotAllowed.error_response();
+        res.headers_mut().insert(
+            actix_web::http::header::ALLOW,
+            actix_web::http::header::HeaderValue::from_static(allow),
+        );
+        res
+    }))
 }
 
 pub use middleware::{record_metrics, request_id_header};

@@ -398,10 +398,6 @@ pub async fn not_found() -> Result<HttpResponse, AppError> {
     Err(AppError::NotFound)
 }
 
-pub async fn method_not_allowed() -> Result<HttpResponse, AppError> {
-    Err(AppError::MethodNotAllowed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

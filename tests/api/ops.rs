@@ -36,6 +36,10 @@ both_modes!(
         assert_eq!(res.headers()["cache-control"], "no-store");
         assert_problem(res, 404).await;
         let res = app.http.get(app.url("/v1/signup")).send().await.unwrap();
+        assert_eq!(res.headers()["allow"], "POST");
+        assert_problem(res, 405).await;
+        let res = app.http.post(app.url("/v1/me")).send().await.unwrap();
+        assert_eq!(res.headers()["allow"], "GET, DELETE");
         assert_problem(res, 405).await;
     }
 );

@@ -106,6 +106,14 @@ both_modes!(
         let many: Vec<String> = (0..17).map(|i| format!("attr{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert_problem(app.signup("ann", &many).await, 422).await;
+        // Invisible format characters (zero-width, bidi overrides).
+        let body = assert_problem(
+            app.signup("ann", &["soft\u{200B}ware", "b", "c"]).await,
+            422,
+        )
+        .await;
+        assert_eq!(body["errors"][0]["field"], "attributes[0]");
+        assert_problem(app.signup("ann", &["\u{202E}a", "b", "c"]).await, 422).await;
         // Missing fields and wrong types are field errors too.
         assert_problem(app.post_json("/v1/signup", &json!({})).await, 422).await;
         assert_problem(
