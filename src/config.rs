@@ -110,7 +110,9 @@ pub struct Settings {
     /// Password hashes computed at once (default: the number of CPUs).
     #[arg(long, env = "COHORT_HASH_CONCURRENCY")]
     pub hash_concurrency: Option<usize>,
-    /// Failed sign-ins per account before 429, per 15-minute window.
+    /// Sign-in attempts per account and client address before 429, per
+    /// 15-minute window (a success resets it); ten times as many per account
+    /// from all addresses together.
     #[arg(long, env = "COHORT_SIGNIN_MAX_FAILURES", default_value_t = 10)]
     pub signin_max_failures: u32,
     /// Signups per client address per minute (0: no limit). Behind a load

@@ -16,11 +16,34 @@ pub trait RateLimiter: Send + Sync {
     /// Counts one event; the window starts at the first.
     async fn record(&self, key: &str, window: Duration);
     async fn reset(&self, key: &str);
+    /// Counts one attempt and, in the same atomic step, says whether it is
+    /// over `limit` in the window (seconds to wait) or allowed (None).
+    /// Counting before the work (a password hash) is what keeps a burst of
+    /// concurrent attempts from all passing the check before any is
+    /// counted.
+    async fn hit(&self, key: &str, limit: u32, window: Duration) -> Option<u64>;
 }
+
+/// INCR, the window set by the first attempt, and the verdict, atomically.
+const HIT_LUA: &str = r#"#!lua
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if n > tonumber(ARGV[1]) then
+  local ttl = redis.call('TTL', KEYS[1])
+  if ttl < 1 then ttl = 1 end
+  return ttl
+end
+return 0
+"#;
 
 pub struct RedisLimiter {
     conn: ConnectionManager,
     prefix: String,
+    hit: redis::Script,
+    /// Used while Redis cannot be reached: each replica then limits on its
+    /// own, which is looser (N replicas, N times the attempts) but never
+    /// open.
+    fallback: MemoryLimiter,
 }
 
 impl RedisLimiter {
@@ -28,6 +51,8 @@ impl RedisLimiter {
         Self {
             conn,
             prefix: format!("{prefix}rl:"),
+            hit: redis::Script::new(HIT_LUA),
+            fallback: MemoryLimiter::default(),
         }
     }
 }
@@ -81,6 +106,26 @@ impl RateLimiter for RedisLimiter {
             .arg(format!("{}{key}", self.prefix))
             .query_async(&mut conn)
             .await;
+        self.fallback.reset(key).await;
+    }
+
+    async fn hit(&self, key: &str, limit: u32, window: Duration) -> Option<u64> {
+        let mut conn = self.conn.clone();
+        let res: redis::RedisResult<u64> = self
+            .hit
+            .key(format!("{}{key}", self.prefix))
+            .arg(limit)
+            .arg(window.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await;
+        match res {
+            Ok(0) => None,
+            Ok(wait) => Some(wait),
+            Err(e) => {
+                tracing::warn!(error = %e, "rate limiter's Redis unavailable; limiting in memory");
+                self.fallback.hit(key, limit, window).await
+            }
+        }
     }
 }
 
@@ -123,6 +168,20 @@ impl RateLimiter for MemoryLimiter {
             .expect("limiter mutex poisoned")
             .remove(key);
     }
+
+    async fn hit(&self, key: &str, limit: u32, window: Duration) -> Option<u64> {
+        let mut counts = self.counts.lock().expect("limiter mutex poisoned");
+        let now = Instant::now();
+        if counts.len() >= SWEEP_AT {
+            counts.retain(|_, (_, until)| *until > now);
+        }
+        let e = counts.entry(key.to_owned()).or_insert((0, now + window));
+        if e.1 <= now {
+            *e = (0, now + window);
+        }
+        e.0 += 1;
+        (e.0 > limit).then(|| (e.1 - now).as_secs().max(1))
+    }
 }
 
 #[cfg(test)]
@@ -140,5 +199,16 @@ mod tests {
         assert_eq!(l.blocked("other", 3).await, None);
         l.reset("k").await;
         assert_eq!(l.blocked("k", 3).await, None);
+    }
+
+    #[tokio::test]
+    async fn memory_limiter_hit_counts_before_answering() {
+        let l = MemoryLimiter::default();
+        let w = Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(l.hit("k", 3, w).await, None);
+        }
+        assert!(l.hit("k", 3, w).await.is_some());
+        assert_eq!(l.hit("other", 3, w).await, None);
     }
 }

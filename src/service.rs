@@ -64,10 +64,13 @@ impl Service {
     ) -> Result<Outcome, AppError> {
         if self.signup_rate_limit > 0 {
             let key = limiter_key("signup", client.unwrap_or("unknown"));
-            if let Some(retry_after) = self.limiter.blocked(&key, self.signup_rate_limit).await {
+            if let Some(retry_after) = self
+                .limiter
+                .hit(&key, self.signup_rate_limit, SIGNUP_WINDOW)
+                .await
+            {
                 return Err(AppError::RateLimited { retry_after });
             }
-            self.limiter.record(&key, SIGNUP_WINDOW).await;
         }
         let idempotency = idempotency_key.map(|key| IdempotencyRecord {
             fingerprint: self.protocol.fingerprint(&signup),
@@ -108,9 +111,33 @@ impl Service {
 
     /// An access token, or the same error whether the user is unknown or
     /// the password wrong (and in about the same time: both hash once).
-    pub async fn signin(&self, username: &str, password: &str) -> Result<String, AppError> {
-        let key = limiter_key("signin", &username.to_ascii_lowercase());
-        if let Some(retry_after) = self.limiter.blocked(&key, self.signin_max_failures).await {
+    ///
+    /// Attempts are counted *before* the hash, atomically, so a concurrent
+    /// burst cannot pass the check before any is counted; per account and
+    /// client address (reset by a success), so an attacker elsewhere cannot
+    /// lock the owner out; and per account with a ceiling ten times looser,
+    /// so spreading guesses over many addresses does not help much either.
+    pub async fn signin(
+        &self,
+        username: &str,
+        password: &str,
+        client: Option<&str>,
+    ) -> Result<String, AppError> {
+        let account = username.to_ascii_lowercase();
+        let pair_key = limiter_key(
+            "signin",
+            &format!("{account}\0{}", client.unwrap_or("unknown")),
+        );
+        let account_key = limiter_key("signin-account", &account);
+        let max = self.signin_max_failures;
+        if let Some(retry_after) = self.limiter.hit(&pair_key, max, SIGNIN_WINDOW).await {
+            return Err(AppError::RateLimited { retry_after });
+        }
+        if let Some(retry_after) = self
+            .limiter
+            .hit(&account_key, max.saturating_mul(10), SIGNIN_WINDOW)
+            .await
+        {
             return Err(AppError::RateLimited { retry_after });
         }
         let stored = match Username::parse(username) {
@@ -125,13 +152,12 @@ impl Service {
             .await;
         match (ok, user_id) {
             (true, Some(id)) => {
-                self.limiter.reset(&key).await;
+                self.limiter.reset(&pair_key).await;
                 tracing::info!(user_id = id.0, "signin succeeded");
                 Ok(self.tokens.issue(id, version))
             }
             _ => {
-                self.limiter.record(&key, SIGNIN_WINDOW).await;
-                tracing::info!(account = %key, "signin failed");
+                tracing::info!(account = %account_key, "signin failed");
                 Err(AppError::InvalidCredentials)
             }
         }

@@ -154,9 +154,13 @@ pub struct SigninResponse {
 )]
 pub async fn signin(
     service: web::Data<Service>,
+    req: HttpRequest,
     body: web::Json<SigninRequest>,
 ) -> Result<HttpResponse, AppError> {
-    let token = service.signin(&body.username, &body.password).await?;
+    let client = req.peer_addr().map(|a| a.ip().to_string());
+    let token = service
+        .signin(&body.username, &body.password, client.as_deref())
+        .await?;
     Ok(HttpResponse::Ok().json(SigninResponse {
         access_token: token,
         token_type: "Bearer".into(),

@@ -105,3 +105,49 @@ both_modes!(bad_tokens_get_401, |app: TestApp| async move {
     .unwrap();
     assert_problem(app.get_auth("/v1/me", &forged).await, 401).await;
 });
+
+both_modes!(
+    a_concurrent_burst_is_cut_at_the_limit_and_the_owner_still_gets_in,
+    |app: TestApp| async move {
+        app.signup_ok("target", &["a", "b", "c"]).await;
+        // 40 wrong guesses at once from one address (the limit is 5).
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let http = app.http.clone();
+            let url = app.url("/v1/signin");
+            tasks.push(tokio::spawn(async move {
+                http.post(url)
+                    .json(&serde_json::json!({"username": "target", "password": format!("wrong guess number {i}")}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }));
+        }
+        let mut evaluated = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                401 => evaluated += 1,
+                429 => {}
+                other => panic!("unexpected {other}"),
+            }
+        }
+        assert!(
+            evaluated <= 5,
+            "{evaluated} guesses were evaluated; the limit is 5"
+        );
+        // The owner, from another address, is not locked out.
+        let owner = reqwest::Client::builder()
+            .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap();
+        let res = owner
+            .post(app.url("/v1/signin"))
+            .json(&serde_json::json!({"username": "target", "password": PASSWORD}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 200);
+    }
+);
