@@ -64,7 +64,8 @@ pub fn api(cfg: &mut web::ServiceConfig, with_metrics: bool) {
     .service(resource("/v1/me/group", "GET").route(web::get().to(routes::my_group)))
     .service(resource("/healthz", "GET").route(web::get().to(routes::healthz)))
     .service(resource("/readyz", "GET").route(web::get().to(routes::readyz)))
-    .service(resource("/openapi.json", "GET").route(web::get().to(openapi::serve)));
+    .service(resource("/openapi.json", "GET").route(web::get().to(openapi::serve)))
+    .service(resource("/docs", "GET").route(web::get().to(openapi::docs)));
     if with_metrics {
         metrics(cfg);
     }

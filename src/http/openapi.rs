@@ -55,3 +55,11 @@ pub async fn serve() -> actix_web::HttpResponse {
         .content_type("application/json")
         .body(spec_json())
 }
+
+/// `GET /docs`: a page that renders the spec for people. Self-contained (no
+/// CDN): it fetches `/openapi.json` from this server.
+pub async fn docs() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(include_str!("assets/docs.html"))
+}

@@ -5,6 +5,16 @@ use crate::helpers::*;
 
 both_modes!(health_readiness_and_openapi, |app: TestApp| async move {
     assert_eq!(app.get("/healthz").await.status().as_u16(), 200);
+    let docs = app.get("/docs").await;
+    assert_eq!(docs.status().as_u16(), 200);
+    assert!(
+        docs.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = docs.text().await.unwrap();
+    assert!(page.contains("/openapi.json") && !page.contains("https://"));
     let ready = app.get("/readyz").await;
     assert_eq!(ready.status().as_u16(), 200);
     let spec: Value = app.get("/openapi.json").await.json().await.unwrap();
