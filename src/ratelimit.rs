@@ -1,4 +1,5 @@
-//! Counting failures per key (for example per account) in a fixed window.
+//! Counting attempts per key (for example per account and client) in a
+//! fixed window.
 //! Shared through Redis in distributed mode, so N replicas do not allow N
 //! times the attempts; in memory in embedded mode.
 
@@ -11,10 +12,6 @@ use redis::aio::ConnectionManager;
 
 #[async_trait]
 pub trait RateLimiter: Send + Sync {
-    /// Seconds to wait when `key` has reached `limit` events, else None.
-    async fn blocked(&self, key: &str, limit: u32) -> Option<u64>;
-    /// Counts one event; the window starts at the first.
-    async fn record(&self, key: &str, window: Duration);
     async fn reset(&self, key: &str);
     /// Counts one attempt and, in the same atomic step, says whether it is
     /// over `limit` in the window (seconds to wait) or allowed (None).
@@ -61,45 +58,6 @@ impl RedisLimiter {
 // an endpoint that does not otherwise need Redis. It is logged.
 #[async_trait]
 impl RateLimiter for RedisLimiter {
-    async fn blocked(&self, key: &str, limit: u32) -> Option<u64> {
-        let mut conn = self.conn.clone();
-        let k = format!("{}{key}", self.prefix);
-        let res: redis::RedisResult<(Option<u32>, i64)> = redis::pipe()
-            .cmd("GET")
-            .arg(&k)
-            .cmd("TTL")
-            .arg(&k)
-            .query_async(&mut conn)
-            .await;
-        match res {
-            Ok((Some(n), ttl)) if n >= limit => Some(ttl.max(1) as u64),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "rate limiter unavailable; allowing");
-                None
-            }
-        }
-    }
-
-    async fn record(&self, key: &str, window: Duration) {
-        let mut conn = self.conn.clone();
-        let k = format!("{}{key}", self.prefix);
-        let res: redis::RedisResult<()> = redis::pipe()
-            .cmd("INCR")
-            .arg(&k)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&k)
-            .arg(window.as_secs().max(1))
-            .arg("NX")
-            .ignore()
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "rate limiter unavailable; not counted");
-        }
-    }
-
     async fn reset(&self, key: &str) {
         let mut conn = self.conn.clone();
         let _: redis::RedisResult<()> = redis::cmd("DEL")
@@ -140,28 +98,6 @@ const SWEEP_AT: usize = 10_000;
 
 #[async_trait]
 impl RateLimiter for MemoryLimiter {
-    async fn blocked(&self, key: &str, limit: u32) -> Option<u64> {
-        let counts = self.counts.lock().expect("limiter mutex poisoned");
-        let now = Instant::now();
-        match counts.get(key) {
-            Some(&(n, until)) if n >= limit && until > now => Some((until - now).as_secs().max(1)),
-            _ => None,
-        }
-    }
-
-    async fn record(&self, key: &str, window: Duration) {
-        let mut counts = self.counts.lock().expect("limiter mutex poisoned");
-        let now = Instant::now();
-        if counts.len() >= SWEEP_AT {
-            counts.retain(|_, (_, until)| *until > now);
-        }
-        let e = counts.entry(key.to_owned()).or_insert((0, now + window));
-        if e.1 <= now {
-            *e = (0, now + window);
-        }
-        e.0 += 1;
-    }
-
     async fn reset(&self, key: &str) {
         self.counts
             .lock()
@@ -189,16 +125,15 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn memory_limiter_blocks_after_limit() {
+    async fn memory_limiter_reset_starts_over() {
         let l = MemoryLimiter::default();
-        for _ in 0..3 {
-            assert_eq!(l.blocked("k", 3).await, None);
-            l.record("k", Duration::from_secs(60)).await;
+        let w = Duration::from_secs(60);
+        for _ in 0..4 {
+            l.hit("k", 3, w).await;
         }
-        assert!(l.blocked("k", 3).await.is_some());
-        assert_eq!(l.blocked("other", 3).await, None);
+        assert!(l.hit("k", 3, w).await.is_some());
         l.reset("k").await;
-        assert_eq!(l.blocked("k", 3).await, None);
+        assert_eq!(l.hit("k", 3, w).await, None);
     }
 
     #[tokio::test]
