@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::auth::MIN_SECRET_BYTES;
+use crate::auth::{MAX_TOKEN_TTL_SECS, MIN_SECRET_BYTES};
 use crate::domain::{AttributeRules, Threshold};
 
 #[derive(Debug, Parser)]
@@ -135,6 +135,36 @@ pub struct Settings {
     /// A file holding REDIS_URL.
     #[arg(long, env = "REDIS_URL_FILE")]
     pub redis_url_file: Option<PathBuf>,
+    /// Earlier JWT secrets, comma-separated: tokens they signed still verify
+    /// (new ones are signed with COHORT_JWT_SECRET), so rotating the secret
+    /// logs nobody out. Remove one once COHORT_TOKEN_TTL has passed.
+    #[arg(long, env = "COHORT_JWT_PREVIOUS_SECRETS", hide_env_values = true)]
+    pub jwt_previous_secrets: Option<String>,
+    /// A file holding COHORT_JWT_PREVIOUS_SECRETS (one per line, or
+    /// comma-separated).
+    #[arg(long, env = "COHORT_JWT_PREVIOUS_SECRETS_FILE")]
+    pub jwt_previous_secrets_file: Option<PathBuf>,
+    /// PEM file of certificate authorities to trust for TLS to Postgres
+    /// (`sslmode=verify-ca|verify-full`) and Redis (`rediss://`), besides
+    /// the system's. A DATABASE_URL's own `sslrootcert` wins for Postgres.
+    #[arg(long, env = "COHORT_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Proxies (IP addresses or CIDR blocks, comma-separated) whose
+    /// `X-Forwarded-For` is believed. From any other peer the header is
+    /// ignored: the client address is the TCP peer.
+    #[arg(long, env = "COHORT_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_proxy)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Seconds a client has to send a whole request, headers and body; a
+    /// slower one gets 408 and its connection is closed.
+    #[arg(long, env = "COHORT_REQUEST_TIMEOUT", default_value_t = 10)]
+    pub request_timeout: u64,
+    /// Seconds an idle keep-alive connection is kept open.
+    #[arg(long, env = "COHORT_KEEP_ALIVE", default_value_t = 5)]
+    pub keep_alive: u64,
+    /// Most connections this replica holds open at once (split among the
+    /// worker threads); more wait in the listen backlog.
+    #[arg(long, env = "COHORT_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
 }
 
 /// Which backing services to use, decided by what is configured.
@@ -164,6 +194,8 @@ impl std::fmt::Debug for Mode {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub settings: Settings,
+    /// Earlier JWT secrets that still verify (never sign).
+    pub jwt_previous_secrets: Vec<Vec<u8>>,
     pub mode: Mode,
     pub threshold: Threshold,
     pub rules: AttributeRules,
@@ -176,8 +208,16 @@ impl Settings {
             min: self.match_threshold,
             max: self.max_attributes,
         };
-        if self.token_ttl == 0 {
-            return Err("COHORT_TOKEN_TTL must be at least 1 second".into());
+        if self.token_ttl == 0 || self.token_ttl > MAX_TOKEN_TTL_SECS {
+            return Err(format!(
+                "COHORT_TOKEN_TTL must be between 1 and {MAX_TOKEN_TTL_SECS} seconds"
+            ));
+        }
+        if self.request_timeout == 0 {
+            return Err("COHORT_REQUEST_TIMEOUT must be at least 1 second".into());
+        }
+        if self.max_connections == 0 {
+            return Err("COHORT_MAX_CONNECTIONS must be at least 1".into());
         }
         if self.db_pool_size == 0 {
             return Err("COHORT_DB_POOL_SIZE must be at least 1".into());
@@ -200,6 +240,27 @@ impl Settings {
             self.redis_url.take(),
             self.redis_url_file.as_deref(),
         )?;
+        let jwt_previous_secrets = from_file(
+            "COHORT_JWT_PREVIOUS_SECRETS",
+            self.jwt_previous_secrets.take(),
+            self.jwt_previous_secrets_file.as_deref(),
+        )?
+        .map(|all| {
+            all.split([',', '\n'])
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| s.as_bytes().to_vec())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+        if jwt_previous_secrets
+            .iter()
+            .any(|s| s.len() < MIN_SECRET_BYTES)
+        {
+            return Err(format!(
+                "each of COHORT_JWT_PREVIOUS_SECRETS must be at least {MIN_SECRET_BYTES} bytes"
+            ));
+        }
         let mode = match (&self.database_url, &self.redis_url) {
             (Some(db), Some(redis)) => {
                 let secret = self.jwt_secret.clone().ok_or_else(|| {
@@ -233,6 +294,7 @@ impl Settings {
         };
         Ok(Config {
             settings: self,
+            jwt_previous_secrets,
             mode,
             threshold,
             rules,
@@ -261,4 +323,12 @@ fn from_file(
             Ok(Some(value))
         }
     }
+}
+
+/// A trusted proxy: a CIDR block, or one address (a /32 or /128).
+fn parse_proxy(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR block"))
 }

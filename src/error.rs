@@ -19,6 +19,9 @@ pub enum AppError {
     UsernameTaken,
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// The request was not received whole within the deadline.
+    #[error("the request was not received in time ({0} s); the connection is closed")]
+    RequestTimeout(u64),
     #[error("expected Content-Type: application/json")]
     UnsupportedMediaType,
     #[error("one or more fields are invalid")]

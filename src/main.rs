@@ -73,7 +73,13 @@ async fn serve(config: Config, migrate: bool) -> anyhow::Result<ExitCode> {
 fn pg(config: &Config) -> anyhow::Result<Option<PgStore>> {
     match &config.mode {
         Mode::Distributed { database_url, .. } => Ok(Some(
-            PgStore::connect(database_url, 4, config.threshold).map_err(|e| anyhow::anyhow!(e))?,
+            PgStore::connect_with(
+                database_url,
+                config.settings.tls_ca_file.as_deref(),
+                4,
+                config.threshold,
+            )
+            .map_err(|e| anyhow::anyhow!(e))?,
         )),
         Mode::Embedded { .. } => Ok(None),
     }
@@ -98,8 +104,9 @@ fn redis(config: &Config) -> anyhow::Result<RedisIndex> {
     let Mode::Distributed { redis_url, .. } = &config.mode else {
         unreachable!("checked by the caller")
     };
-    let conn = RedisConn::new(redis_url, std::time::Duration::from_secs(10))
+    let client = cohort::tls::redis(redis_url, config.settings.tls_ca_file.as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;
+    let conn = RedisConn::with_client(client, std::time::Duration::from_secs(10));
     Ok(RedisIndex::new(
         Arc::new(conn),
         &config.settings.redis_prefix,

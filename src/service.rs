@@ -208,7 +208,7 @@ impl Service {
         current: &str,
         new: String,
     ) -> Result<(), AppError> {
-        let new = crate::domain::Password::parse(new).map_err(|m| {
+        let new = crate::domain::Password::parse_new(new, &[]).map_err(|m| {
             AppError::Validation(vec![crate::domain::FieldError::new("new_password", m)])
         })?;
         self.reauthenticate(id, token_version, current).await?;

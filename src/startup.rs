@@ -47,8 +47,9 @@ const INDEX_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Connects the rate limiter's Redis connection (it reconnects by itself:
 /// unlike the index, it has nothing to lose).
-pub async fn redis_manager(url: &str) -> redis::RedisResult<redis::aio::ConnectionManager> {
-    let client = redis::Client::open(url)?;
+pub async fn redis_manager(
+    client: redis::Client,
+) -> redis::RedisResult<redis::aio::ConnectionManager> {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(1)))
@@ -76,15 +77,25 @@ pub async fn distributed(
         return Err(anyhow!("not in distributed mode"));
     };
     let pg = Arc::new(
-        PgStore::connect(database_url, config.settings.db_pool_size, config.threshold)
-            .map_err(|e| anyhow!(e))?,
+        PgStore::connect_with(
+            database_url,
+            config.settings.tls_ca_file.as_deref(),
+            config.settings.db_pool_size,
+            config.threshold,
+        )
+        .map_err(|e| anyhow!(e))?,
     );
     if migrate {
         let n = pg.migrate().await.map_err(|e| anyhow!(e))?;
         tracing::info!(applied = n, "migrations applied");
     }
     let deployed = pg.ensure_deployment(config.threshold).await?;
-    let conn = Arc::new(RedisConn::new(redis_url, INDEX_RESPONSE_TIMEOUT).map_err(|e| anyhow!(e))?);
+    let redis_client = crate::tls::redis(redis_url, config.settings.tls_ca_file.as_deref())
+        .map_err(|e| anyhow!(e))?;
+    let conn = Arc::new(RedisConn::with_client(
+        redis_client.clone(),
+        INDEX_RESPONSE_TIMEOUT,
+    ));
     let redis = Arc::new(RedisIndex::new(
         conn,
         &config.settings.redis_prefix,
@@ -111,7 +122,7 @@ pub async fn distributed(
              refused. Configure the deployment's threshold, or change it with `cohort set-threshold`"
         );
     }
-    let limiter = redis_manager(redis_url)
+    let limiter = redis_manager(redis_client)
         .await
         .context("invalid REDIS_URL")?;
     let store: Arc<dyn Store> = pg;
@@ -136,15 +147,23 @@ pub async fn embedded(config: &Config, metrics: &Metrics) -> anyhow::Result<Back
         .mode(0o700)
         .create(data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    // It holds password hashes and the token secret: a directory someone
+    // else can write to could have a secret planted in it, so that is
+    // refused; one others may only read (a `mkdir` under umask 022) has
+    // leaked nothing yet, and is made private.
+    check_private(data_dir, "the data directory", 0o700, 0o022)?;
+    tighten(data_dir, 0o700)?;
     let lock = lock_data_dir(data_dir)?;
     let jwt_secret = match &config.settings.jwt_secret {
         Some(s) => s.clone().into_bytes(),
         None => load_or_create_secret(&data_dir.join("jwt-secret"))?,
     };
-    let store = Arc::new(
-        SqliteStore::open(&data_dir.join("cohort.sqlite3"), config.threshold)
-            .map_err(|e| anyhow!(e))?,
-    );
+    let db = data_dir.join("cohort.sqlite3");
+    private_file(&db)?;
+    let store = Arc::new(SqliteStore::open(&db, config.threshold).map_err(|e| anyhow!(e))?);
+    for f in ["cohort.sqlite3", "cohort.sqlite3-wal", "cohort.sqlite3-shm"] {
+        tighten(&data_dir.join(f), 0o600)?;
+    }
     let deployed = store.ensure_deployment(config.threshold).await?;
     if deployed != config.threshold.get() {
         tracing::error!(
@@ -207,6 +226,10 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<fs::File> {
 /// The embedded mode's JWT secret: generated once, kept with mode 0600, so
 /// tokens survive restarts.
 fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path.exists() {
+        // Readable by others: it may have leaked, and tokens could be forged.
+        check_private(path, "the JWT secret file", 0o600, 0o077)?;
+    }
     if let Ok(s) = fs::read_to_string(path) {
         let s = s.trim().to_owned();
         if s.len() >= crate::auth::MIN_SECRET_BYTES {
@@ -228,6 +251,65 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     f.write_all(secret.as_bytes())?;
     f.sync_all()?;
     Ok(secret.into_bytes())
+}
+
+/// Refuses `path` unless this user owns it and no one else has any of the
+/// `forbidden` permission bits: says why, and how to fix it.
+fn check_private(path: &Path, what: &str, fix_mode: u32, forbidden: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).with_context(|| format!("cannot inspect {}", path.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(anyhow!(
+            "{what} {} is owned by user {}, not by this process's user {me}: refusing to trust \
+             it. Give it to this user (chown) or set COHORT_DATA_DIR to a directory of its own",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & forbidden != 0 {
+        let how = if forbidden & 0o044 != 0 {
+            "readable"
+        } else {
+            "writable"
+        };
+        return Err(anyhow!(
+            "{what} {} is {how} by group or others (mode {mode:o}): refusing to trust it. \
+             Run `chmod {fix_mode:o} {}` (check first that nobody has tampered with it)",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Creates `path` with mode 0600 if it does not exist yet, so SQLite (which
+/// gives its -wal and -shm files the database's mode) never creates it 0644.
+fn private_file(path: &Path) -> anyhow::Result<()> {
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    tighten(path, 0o600)
+}
+
+/// `mode` (0600, 0700) for a file or directory of ours that others may
+/// read (one an earlier version made 0644, say); nothing if it does not
+/// exist.
+fn tighten(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::metadata(path) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            tracing::info!(path = %path.display(), mode = format!("{mode:o}"), "made private");
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot make {} private (chmod {mode:o})", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 pub struct Application {
@@ -255,7 +337,12 @@ impl Application {
         backends: Backends,
     ) -> anyhow::Result<Self> {
         let s = &config.settings;
-        let tokens = Tokens::new(&backends.jwt_secret, s.token_ttl).map_err(|e| anyhow!(e))?;
+        let tokens = Tokens::new(
+            &backends.jwt_secret,
+            &config.jwt_previous_secrets,
+            s.token_ttl,
+        )
+        .map_err(|e| anyhow!(e))?;
         let hash_metric = metrics.password_hash_seconds.clone();
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hasher = PasswordHasher::new(
@@ -282,20 +369,36 @@ impl Application {
         let port = listener.local_addr()?.port();
         let with_metrics = s.metrics_listen.is_none();
         let svc = service.clone();
-        let mut server = HttpServer::new(move || {
+        let proxies = web::Data::new(http::client::TrustedProxies(s.trusted_proxies.clone()));
+        let deadline = Duration::from_secs(s.request_timeout);
+        let body_deadline = web::Data::new(http::RequestDeadline(deadline));
+        let workers = s
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let server = HttpServer::new(move || {
             App::new()
                 .app_data(svc.clone())
+                .app_data(proxies.clone())
+                .app_data(body_deadline.clone())
+                .wrap(from_fn(http::body_deadline))
                 .wrap(from_fn(http::record_metrics))
                 .wrap(http::security_headers())
                 .wrap(from_fn(http::request_id_header))
-                .wrap(TracingLogger::default())
+                .wrap(TracingLogger::<http::RootSpan>::new())
                 .configure(|c| http::api(c, with_metrics))
         })
+        // Slow clients: headers within the deadline (then the body within
+        // it too, see `body_deadline`), idle keep-alive connections closed,
+        // and a cap on connections (actix-web counts per worker).
+        .client_request_timeout(deadline)
+        .keep_alive(match s.keep_alive {
+            0 => actix_web::http::KeepAlive::Disabled,
+            k => actix_web::http::KeepAlive::Timeout(Duration::from_secs(k)),
+        })
+        .workers(workers)
+        .max_connections(s.max_connections.div_ceil(workers).max(1))
         .listen(listener)?
         .shutdown_timeout(s.shutdown_timeout);
-        if let Some(w) = s.workers {
-            server = server.workers(w);
-        }
         let server = server.run();
 
         let (metrics_server, metrics_port) = match s.metrics_listen {

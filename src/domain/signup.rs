@@ -32,7 +32,7 @@ impl Signup {
                 errors.push(FieldError::new("password", "is required"));
                 None
             }
-            Some(p) => Password::parse(p)
+            Some(p) => Password::parse_new(p, &[username.as_ref().map_or("", |u| u.as_str())])
                 .map_err(|m| errors.push(FieldError::new("password", m)))
                 .ok(),
         };

@@ -1,14 +1,24 @@
-//! Cross-cutting request handling: metrics by route pattern and the
-//! request id sent back as `X-Request-Id`.
+//! Cross-cutting request handling: metrics and the access log by route
+//! pattern, the request id sent back as `X-Request-Id`, the request span,
+//! and the body deadline.
 
-use std::time::Instant;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::error::PayloadError;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
+use actix_web::web::Bytes;
 use actix_web::{Error, HttpMessage, web};
-use tracing_actix_web::RequestId;
+use futures_util::Stream;
+use tracing::Span;
+use tracing_actix_web::{RequestId, RootSpanBuilder};
+
+use super::client::TrustedProxies;
 
 use crate::service::Service;
 
@@ -31,11 +41,22 @@ pub async fn record_metrics(
         _ => "other",
     };
     let res = next.call(req).await?;
+    let elapsed = started.elapsed();
+    let route = res
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".into());
+    // The access log: one line per request, inside its span (request id,
+    // client address). 5xx answers are also logged, with their cause, where
+    // they arise.
+    tracing::info!(
+        method,
+        route = %route,
+        status = res.status().as_u16(),
+        duration_ms = elapsed.as_secs_f64() * 1e3,
+        "request"
+    );
     if let Some(service) = service {
-        let route = res
-            .request()
-            .match_pattern()
-            .unwrap_or_else(|| "unmatched".into());
         let status = res.status().as_u16().to_string();
         let m = &service.metrics;
         m.http_requests
@@ -43,7 +64,7 @@ pub async fn record_metrics(
             .inc();
         m.http_duration
             .with_label_values(&[method, &route])
-            .observe(started.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
     }
     Ok(res)
 }
@@ -59,4 +80,95 @@ pub async fn request_id_header(
             .insert(HeaderName::from_static("x-request-id"), id);
     }
     Ok(res)
+}
+
+/// How long a client has to send a request's body once its headers are in
+/// (app data). Headers have the same deadline, through actix-web's
+/// `client_request_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDeadline(pub Duration);
+
+/// Cuts off a body that is not received whole in time: a client sending one
+/// byte every few seconds must not hold a connection (and a file
+/// descriptor) for ever. The handler reading the body gets a timed-out
+/// payload error (408, connection closed); a handler that never reads it
+/// answers as usual.
+pub async fn body_deadline(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    if let Some(d) = req.app_data::<web::Data<RequestDeadline>>() {
+        let deadline = tokio::time::Instant::now() + d.0;
+        let payload = req.take_payload();
+        req.set_payload(Payload::Stream {
+            payload: Box::pin(DeadlinePayload {
+                inner: payload,
+                timer: Box::pin(tokio::time::sleep_until(deadline)),
+            }),
+        });
+    }
+    next.call(req).await
+}
+
+struct DeadlinePayload<S> {
+    inner: S,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> Stream for DeadlinePayload<S>
+where
+    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+{
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Poll::Ready(item) = Pin::new(&mut self.inner).poll_next(cx) {
+            return Poll::Ready(item);
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request body not received in time",
+            ))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The request span: tracing-actix-web's, with the client address taken as
+/// the throttle takes it (never from a spoofable `X-Forwarded-For`), and no
+/// WARN event per 4xx (a client must not control the log's volume at WARN):
+/// every request gets one access-log line at INFO from [`record_metrics`].
+pub struct RootSpan;
+
+impl RootSpanBuilder for RootSpan {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        let client = request
+            .app_data::<web::Data<TrustedProxies>>()
+            .zip(request.peer_addr())
+            .map(|(t, peer)| t.client(peer.ip(), request.headers()).to_string())
+            .or_else(|| request.peer_addr().map(|p| p.ip().to_string()))
+            .unwrap_or_default();
+        let request_id = request
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            client_ip = %client,
+            method = %request.method(),
+            route = tracing::field::Empty,
+            status = tracing::field::Empty,
+        )
+    }
+
+    fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
+        let status = match outcome {
+            Ok(res) => res.status(),
+            Err(e) => e.as_response_error().status_code(),
+        };
+        span.record("status", status.as_u16());
+    }
 }

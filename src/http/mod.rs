@@ -1,6 +1,7 @@
 //! The HTTP API: routes, problem+json errors, extractors and middleware.
 
 mod auth;
+pub mod client;
 mod middleware;
 pub mod openapi;
 pub mod problem;
@@ -15,7 +16,7 @@ use crate::error::AppError;
 /// The contract's body limit.
 pub const BODY_LIMIT: usize = 16 * 1024;
 
-fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
+fn json_error(err: JsonPayloadError, req: &HttpRequest) -> actix_web::Error {
     let app = match &err {
         JsonPayloadError::ContentType => AppError::UnsupportedMediaType,
         JsonPayloadError::OverflowKnownLength { .. } | JsonPayloadError::Overflow { .. } => {
@@ -23,6 +24,14 @@ fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
         }
         JsonPayloadError::Deserialize(e) if e.is_data() => {
             AppError::Validation(vec![crate::domain::FieldError::new("body", e.to_string())])
+        }
+        JsonPayloadError::Payload(actix_web::error::PayloadError::Io(e))
+            if e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            AppError::RequestTimeout(
+                req.app_data::<web::Data<middleware::RequestDeadline>>()
+                    .map_or(0, |d| d.0.as_secs()),
+            )
         }
         other => AppError::BadRequest(format!("malformed JSON body: {other}")),
     };
@@ -90,4 +99,4 @@ fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
     }))
 }
 
-pub use middleware::{record_metrics, request_id_header};
+pub use middleware::{RequestDeadline, RootSpan, body_deadline, record_metrics, request_id_header};

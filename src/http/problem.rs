@@ -34,6 +34,7 @@ impl AppError {
             AppError::MethodNotAllowed => ("method-not-allowed", "Method not allowed"),
             AppError::UsernameTaken => ("username-taken", "Username taken"),
             AppError::PayloadTooLarge(_) => ("payload-too-large", "Payload too large"),
+            AppError::RequestTimeout(_) => ("request-timeout", "Request timeout"),
             AppError::UnsupportedMediaType => ("unsupported-media-type", "Unsupported media type"),
             AppError::Validation(_) => ("validation", "Invalid request fields"),
             AppError::RateLimited { .. } => ("rate-limited", "Too many requests"),
@@ -54,6 +55,7 @@ impl ResponseError for AppError {
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             AppError::UsernameTaken => StatusCode::CONFLICT,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             AppError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::Validation(_) | AppError::IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
@@ -100,6 +102,11 @@ impl ResponseError for AppError {
             }
             AppError::InvalidCredentials | AppError::Unauthorized(_) => {
                 res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            AppError::RequestTimeout(_) => {
+                // The rest of the body may still be on its way: the
+                // connection cannot be reused (RFC 9110 15.5.9).
+                res.force_close();
             }
             _ => {}
         }

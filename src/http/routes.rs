@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Authenticated;
+use super::client::ClientIp;
 use super::problem::Problem;
 use crate::domain::{Signup, UserId};
 use crate::error::AppError;
@@ -71,13 +72,14 @@ pub struct SignupResponse {
 pub async fn signup(
     service: web::Data<Service>,
     req: HttpRequest,
+    client: ClientIp,
     body: web::Json<SignupBody>,
 ) -> Result<HttpResponse, AppError> {
     let key = idempotency_key(&req)?;
     let body = body.into_inner();
     let signup = Signup::parse(body.username, body.password, body.attributes, service.rules)
         .map_err(AppError::Validation)?;
-    let client = req.peer_addr().map(|a| a.ip().to_string());
+    let client = client.key();
     // A task of its own: a client that hangs up must not cancel a signup
     // between its commit and its index add (the protocol would survive it,
     // as it survives a crash, but there is no reason to make it).
@@ -154,10 +156,10 @@ pub struct SigninResponse {
 )]
 pub async fn signin(
     service: web::Data<Service>,
-    req: HttpRequest,
+    client: ClientIp,
     body: web::Json<SigninRequest>,
 ) -> Result<HttpResponse, AppError> {
-    let client = req.peer_addr().map(|a| a.ip().to_string());
+    let client = client.key();
     let token = service
         .signin(&body.username, &body.password, client.as_deref())
         .await?;

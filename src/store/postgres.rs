@@ -2,12 +2,10 @@
 //! arbiter of the grouping rule (its `group_subsets` primary key; see
 //! `crate::signup` for the protocol).
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use super::{
@@ -60,8 +58,18 @@ fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
 impl PgStore {
     /// Builds the pool. Connects lazily; call [`PgStore::ping`] to check.
     pub fn connect(url: &str, max_connections: usize, t: Threshold) -> Result<Self, String> {
-        let mut cfg = tokio_postgres::Config::from_str(url)
-            .map_err(|e| format!("invalid DATABASE_URL: {e}"))?;
+        Self::connect_with(url, None, max_connections, t)
+    }
+
+    /// As [`PgStore::connect`], trusting the CAs of `ca_file` for
+    /// `sslmode=verify-*` (see `crate::tls`).
+    pub fn connect_with(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        max_connections: usize,
+        t: Threshold,
+    ) -> Result<Self, String> {
+        let (mut cfg, tls) = crate::tls::postgres(url, ca_file)?;
         cfg.connect_timeout(Duration::from_secs(3));
         cfg.keepalives_idle(Duration::from_secs(30));
         // A stuck query must not hold a pooled connection for ever.
@@ -71,7 +79,7 @@ impl PgStore {
         }
         let mgr = Manager::from_config(
             cfg,
-            NoTls,
+            tls,
             // Verified: a connection killed under us (Postgres restart) is
             // noticed at checkout, not by the request that gets it.
             ManagerConfig {

@@ -112,6 +112,8 @@ impl Drop for Replica {
 pub struct PrivatePostgres {
     pub port: u16,
     dir: PathBuf,
+    /// Server options beyond the defaults (TLS, say).
+    extra: String,
     _tmp: tempfile::TempDir,
 }
 
@@ -143,6 +145,16 @@ fn unsafe_is_root() -> bool {
 
 impl PrivatePostgres {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A server that accepts TLS connections only, with this certificate
+    /// and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Self {
         let tmp = tempfile::Builder::new()
             .prefix("cohort-pg-")
             .tempdir_in("/tmp")
@@ -168,9 +180,34 @@ impl PrivatePostgres {
         .status()
         .unwrap();
         assert!(ok.success(), "initdb failed");
+        let mut extra = String::new();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let (c, k) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::write(&c, cert).unwrap();
+            std::fs::write(&k, key).unwrap();
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600)).unwrap();
+            // Plain TCP refused: only a TLS connection gets in.
+            std::fs::write(
+                dir.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+            )
+            .unwrap();
+            if unsafe_is_root() {
+                for f in [&c, &k, &dir.join("pg_hba.conf")] {
+                    let ok = Command::new("chown")
+                        .args(["postgres:", f.to_str().unwrap()])
+                        .status()
+                        .unwrap();
+                    assert!(ok.success());
+                }
+            }
+            extra = " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".into();
+        }
         let me = Self {
             port: free_port(),
             dir,
+            extra,
             _tmp: tmp,
         };
         me.ctl("start");
@@ -179,8 +216,8 @@ impl PrivatePostgres {
 
     fn ctl(&self, action: &str) {
         let opts = format!(
-            "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-            self.port
+            "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{}",
+            self.port, self.extra
         );
         let log = self.dir.with_file_name("log");
         let mut args = vec![

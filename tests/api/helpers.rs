@@ -55,6 +55,13 @@ pub fn settings() -> Settings {
         jwt_secret_file: None,
         database_url_file: None,
         redis_url_file: None,
+        jwt_previous_secrets: None,
+        jwt_previous_secrets_file: None,
+        tls_ca_file: None,
+        trusted_proxies: Vec::new(),
+        request_timeout: 10,
+        keep_alive: 5,
+        max_connections: 4096,
     }
 }
 
@@ -257,6 +264,9 @@ pub async fn spawn_with(backing: Backing, tweak: impl FnOnce(&mut Settings)) -> 
         metrics_port,
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
+            // Below the server's keep-alive (5 s): a client must not reuse
+            // a connection the server may be closing at that very moment.
+            .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .unwrap(),
         backing,
@@ -326,6 +336,17 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Stops the app as SIGTERM would and waits until it has (its data
+    /// directory's lock released).
+    pub async fn stop(mut self) {
+        self.handle.stop(true).await;
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(t) = self.task.take() {
@@ -359,6 +380,7 @@ pub async fn assert_problem(res: Response, status: u16) -> Value {
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 pub fn free_port() -> u16 {
@@ -372,7 +394,24 @@ pub fn free_port() -> u16 {
 impl PrivateRedis {
     pub fn start() -> Self {
         let port = free_port();
-        let mut me = Self { port, child: None };
+        let mut me = Self {
+            port,
+            child: None,
+            tls: None,
+        };
+        me.restart();
+        me
+    }
+
+    /// A server that speaks TLS only (no plain port), with this
+    /// certificate and key (PEM files).
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let port = free_port();
+        let mut me = Self {
+            port,
+            child: None,
+            tls: Some((cert.to_owned(), key.to_owned())),
+        };
         me.restart();
         me
     }
@@ -383,10 +422,24 @@ impl PrivateRedis {
 
     pub fn restart(&mut self) {
         self.kill();
-        let child = Command::new("redis-server")
-            .args([
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => cmd.args([
                 "--port",
+                "0",
+                "--tls-port",
                 &self.port.to_string(),
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+            ]),
+        };
+        let child = cmd
+            .args([
                 "--bind",
                 "127.0.0.1",
                 "--save",

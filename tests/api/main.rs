@@ -14,6 +14,7 @@ mod index;
 mod ops;
 mod properties;
 mod restart;
+mod security;
 mod signin;
 mod signup;
 mod store;

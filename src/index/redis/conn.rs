@@ -47,16 +47,23 @@ pub fn is_reply_error(e: &RedisError) -> bool {
 
 impl RedisConn {
     pub fn new(url: &str, response_timeout: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("invalid REDIS_URL: {e}"))?;
+        Ok(Self::with_client(
+            crate::tls::redis(url, None)?,
+            response_timeout,
+        ))
+    }
+
+    /// A connection through `client` (one built for TLS, say).
+    pub fn with_client(client: redis::Client, response_timeout: Duration) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(response_timeout));
-        Ok(Self {
+        Self {
             client,
             config,
             state: Mutex::new(State::default()),
             generation: AtomicU64::new(0),
-        })
+        }
     }
 
     /// The current connection, connecting if there is none.
