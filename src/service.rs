@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::auth::{PasswordHasher, Tokens};
-use crate::domain::{AttributeRules, AttributeSet, GroupId, Signup, Threshold, UserId, Username};
+use crate::domain::{AttributeRules, AttributeSet, Signup, Threshold, UserId, Username};
 use crate::error::AppError;
 use crate::index::health::{IndexState, SharedIndex};
 use crate::ratelimit::RateLimiter;
@@ -246,9 +246,15 @@ impl Service {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<GroupView, AppError> {
-        let me = self.me(id, token_version).await?;
-        let group = self.group_of(me.group_id).await?;
-        let mut members = self.store.members(me.group_id, after, limit + 1).await?;
+        let page = self
+            .store
+            .group_page(id, after, limit + 1)
+            .await?
+            .ok_or_else(|| AppError::Unauthorized("the token's user no longer exists".into()))?;
+        if page.token_version != token_version {
+            return Err(AppError::Unauthorized("the token was revoked".into()));
+        }
+        let (group, mut members) = (page.group, page.members);
         let next_after = if members.len() > limit {
             members.truncate(limit);
             members.last().map(|m| m.id)
@@ -256,17 +262,10 @@ impl Service {
             None
         };
         Ok(GroupView {
-            shared: me.attributes.intersection(&group.attributes),
+            shared: page.attributes.intersection(&group.attributes),
             group,
             members,
             next_after,
         })
-    }
-
-    async fn group_of(&self, id: GroupId) -> Result<GroupInfo, AppError> {
-        self.store
-            .group(id)
-            .await?
-            .ok_or_else(|| AppError::Internal(format!("group {id} of an existing user is missing")))
     }
 }

@@ -173,6 +173,15 @@ impl AttributeSet {
         Self(attrs)
     }
 
+    /// A set read back from the system of record for display, trusted as
+    /// stored: it was parsed and canonicalised on the way in, and stored
+    /// sorted. Re-parsing every attribute of every member on every page cost
+    /// more than the query. Paths that decide groupings use
+    /// [`AttributeSet::from_stored`], which checks.
+    pub fn trusted(stored: Vec<String>) -> Self {
+        Self(stored.into_iter().map(Attribute).collect())
+    }
+
     /// Rebuilds a set read back from storage, where it was stored canonical.
     /// Still checked: a corrupted row must not become a silently wrong set.
     pub fn from_stored<S: AsRef<str>>(stored: &[S]) -> Result<Self, String> {

@@ -23,6 +23,12 @@ impl Username {
         Ok(Self(raw.to_ascii_lowercase()))
     }
 
+    /// A username read back from the system of record, trusted as stored
+    /// (it was parsed on the way in).
+    pub fn trusted(stored: String) -> Self {
+        Self(stored)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -82,6 +82,17 @@ pub struct Member {
     pub attributes: AttributeSet,
 }
 
+/// What `GET /v1/me/group` shows, read at once: the caller (its token
+/// version, to refuse a revoked token, and its attributes), its group with
+/// the member count, and one page of members.
+#[derive(Debug, Clone)]
+pub struct GroupPage {
+    pub token_version: i64,
+    pub attributes: AttributeSet,
+    pub group: GroupInfo,
+    pub members: Vec<Member>,
+}
+
 #[derive(Clone)]
 pub struct Credentials {
     pub id: UserId,
@@ -152,6 +163,15 @@ pub trait Store: Send + Sync {
         after: Option<UserId>,
         limit: usize,
     ) -> Result<Vec<Member>, StoreError>;
+    /// The group page of `user` (None if the user does not exist): members
+    /// after `after`, at most `limit`. One round trip where the store has a
+    /// network between it and us.
+    async fn group_page(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Option<GroupPage>, StoreError>;
     /// (groups, users).
     async fn counts(&self) -> Result<(u64, u64), StoreError>;
     /// Groups in id order, after `after`, at most `limit`.

@@ -9,8 +9,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 
 use super::{
-    Committed, Credentials, GroupInfo, Member, NewUser, Plan, PoolStats, Replay, Store, StoreError,
-    UserRecord, best_of,
+    Committed, Credentials, GroupInfo, GroupPage, Member, NewUser, Plan, PoolStats, Replay, Store,
+    StoreError, UserRecord, best_of,
 };
 use crate::domain::grouping::subset_keys;
 use crate::domain::{AttributeSet, GroupId, Threshold, UserId, Username};
@@ -80,10 +80,13 @@ impl PgStore {
         let mgr = Manager::from_config(
             cfg,
             tls,
-            // Verified: a connection killed under us (Postgres restart) is
-            // noticed at checkout, not by the request that gets it.
+            // Fast: no query at checkout (Verified cost a round trip per
+            // request). A connection killed under us (Postgres restart) has
+            // its socket closed, which its connection task sees at once, so
+            // `is_closed` catches it at checkout; one that fails mid-request
+            // is dropped by deadpool, and the request answers 503.
             ManagerConfig {
-                recycling_method: RecyclingMethod::Verified,
+                recycling_method: RecyclingMethod::Fast,
             },
         );
         let pool = Pool::builder(mgr)
@@ -448,8 +451,8 @@ impl Store for PgStore {
             Ok(UserRecord {
                 id,
                 token_version: r.get(4),
-                username: username_from_row(r.get(0))?,
-                attributes: attrs_from_row(r.get(1))?,
+                username: Username::trusted(r.get(0)),
+                attributes: AttributeSet::trusted(r.get(1)),
                 group_id: GroupId(r.get(2)),
                 created_at: r.get(3),
             })
@@ -461,8 +464,14 @@ impl Store for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                &client.prepare_cached("SELECT attributes, created_at, (SELECT count(*) FROM users WHERE group_id = $1) \
-                 FROM groups WHERE id = $1").await.map_err(unavailable)?,
+                &client
+                    .prepare_cached(
+                        "SELECT attributes, created_at, \
+                 (SELECT coalesce(sum(n), 0)::bigint FROM group_member_counts WHERE group_id = $1) \
+                 FROM groups WHERE id = $1",
+                    )
+                    .await
+                    .map_err(unavailable)?,
                 &[&id.0],
             )
             .await
@@ -470,7 +479,7 @@ impl Store for PgStore {
         row.map(|r| {
             Ok(GroupInfo {
                 id,
-                attributes: attrs_from_row(r.get(0))?,
+                attributes: AttributeSet::trusted(r.get(0)),
                 created_at: r.get(1),
                 member_count: r.get(2),
             })
@@ -502,11 +511,68 @@ impl Store for PgStore {
             .map(|r| {
                 Ok(Member {
                     id: UserId(r.get(0)),
-                    username: username_from_row(r.get(1))?,
-                    attributes: attrs_from_row(r.get(2))?,
+                    username: Username::trusted(r.get(1)),
+                    attributes: AttributeSet::trusted(r.get(2)),
                 })
             })
             .collect()
+    }
+
+    async fn group_page(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Option<GroupPage>, StoreError> {
+        let client = self.client().await?;
+        // One statement: the caller, its group, the count (at most 16 shard
+        // rows, summed once) and the page (a keyset scan of the members
+        // index). A member-less page still returns the caller's row.
+        let rows = client
+            .query(
+                &client
+                    .prepare_cached(
+                        "SELECT u.token_version, u.attributes, g.id, g.attributes, g.created_at, \
+                                c.n, m.id, m.username, m.attributes \
+                         FROM users u \
+                         JOIN groups g ON g.id = u.group_id \
+                         CROSS JOIN LATERAL (SELECT coalesce(sum(n), 0)::bigint AS n \
+                               FROM group_member_counts WHERE group_id = u.group_id) c \
+                         LEFT JOIN LATERAL (SELECT id, username, attributes FROM users \
+                               WHERE group_id = u.group_id AND id > $2 ORDER BY id LIMIT $3) m ON true \
+                         WHERE u.id = $1 \
+                         ORDER BY m.id",
+                    )
+                    .await
+                    .map_err(unavailable)?,
+                &[&user.0, &after.map_or(0, |u| u.0), &(limit as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut rows = rows.into_iter();
+        let Some(first) = rows.next() else {
+            return Ok(None);
+        };
+        let member = |r: &tokio_postgres::Row| {
+            r.get::<_, Option<i64>>(6).map(|id| Member {
+                id: UserId(id),
+                username: Username::trusted(r.get(7)),
+                attributes: AttributeSet::trusted(r.get(8)),
+            })
+        };
+        let mut members: Vec<Member> = member(&first).into_iter().collect();
+        members.extend(rows.filter_map(|r| member(&r)));
+        Ok(Some(GroupPage {
+            token_version: first.get(0),
+            attributes: AttributeSet::trusted(first.get(1)),
+            group: GroupInfo {
+                id: GroupId(first.get(2)),
+                attributes: AttributeSet::trusted(first.get(3)),
+                created_at: first.get(4),
+                member_count: first.get(5),
+            },
+            members,
+        }))
     }
 
     async fn counts(&self) -> Result<(u64, u64), StoreError> {

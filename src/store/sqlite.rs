@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Committed, Credentials, GroupInfo, Member, NewUser, Plan, PoolStats, Replay, Store, StoreError,
-    UserRecord, best_of,
+    Committed, Credentials, GroupInfo, GroupPage, Member, NewUser, Plan, PoolStats, Replay, Store,
+    StoreError, UserRecord, best_of,
 };
 use crate::domain::grouping::subset_keys;
 use crate::domain::{AttributeSet, GroupId, Threshold, UserId, Username};
@@ -45,6 +45,14 @@ fn attrs_to_json(a: &AttributeSet) -> String {
 fn attrs_from_json(s: &str) -> Result<AttributeSet, StoreError> {
     let v: Vec<String> = serde_json::from_str(s).map_err(corrupt)?;
     AttributeSet::from_stored(&v).map_err(corrupt)
+}
+
+/// Attributes read back for display, trusted as stored (see
+/// `AttributeSet::trusted`).
+fn attrs_trusted(s: &str) -> Result<AttributeSet, StoreError> {
+    serde_json::from_str::<Vec<String>>(s)
+        .map(AttributeSet::trusted)
+        .map_err(corrupt)
 }
 
 fn time_from(s: &str) -> Result<DateTime<Utc>, StoreError> {
@@ -431,8 +439,8 @@ impl Store for SqliteStore {
                 Ok(UserRecord {
                     id,
                     token_version: ver,
-                    username: Username::parse(&u).map_err(corrupt)?,
-                    attributes: attrs_from_json(&a)?,
+                    username: Username::trusted(u),
+                    attributes: attrs_trusted(&a)?,
                     group_id: GroupId(g),
                     created_at: time_from(&t)?,
                 })
@@ -446,17 +454,22 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let row = c
                 .query_row(
-                    "SELECT attributes, created_at, (SELECT count(*) FROM users WHERE group_id = ?1) \
-                     FROM groups WHERE id = ?1",
+                    "SELECT attributes, created_at, member_count FROM groups WHERE id = ?1",
                     [id.0],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)),
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    },
                 )
                 .optional()
                 .map_err(unavailable)?;
             row.map(|(a, t, n)| {
                 Ok(GroupInfo {
                     id,
-                    attributes: attrs_from_json(&a)?,
+                    attributes: attrs_trusted(&a)?,
                     member_count: n,
                     created_at: time_from(&t)?,
                 })
@@ -487,11 +500,76 @@ impl Store for SqliteStore {
                 let (id, u, a) = row.map_err(unavailable)?;
                 Ok(Member {
                     id: UserId(id),
-                    username: Username::parse(&u).map_err(corrupt)?,
-                    attributes: attrs_from_json(&a)?,
+                    username: Username::trusted(u),
+                    attributes: attrs_trusted(&a)?,
                 })
             })
             .collect()
+        })
+        .await
+    }
+
+    async fn group_page(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<Option<GroupPage>, StoreError> {
+        // In process: two statements under the one connection's lock are
+        // one consistent read, with no round trip to save.
+        self.with(move |c| {
+            let head = c
+                .prepare_cached(
+                    "SELECT u.token_version, u.attributes, g.id, g.attributes, g.created_at, \
+                            g.member_count \
+                     FROM users u JOIN groups g ON g.id = u.group_id WHERE u.id = ?1",
+                )
+                .map_err(unavailable)?
+                .query_row([user.0], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                })
+                .optional()
+                .map_err(unavailable)?;
+            let Some((ver, attrs, gid, gattrs, created, count)) = head else {
+                return Ok(None);
+            };
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id, username, attributes FROM users WHERE group_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            let members = stmt
+                .query_map(params![gid, after.map_or(0, |u| u.0), limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                })
+                .map_err(unavailable)?
+                .map(|row| {
+                    let (id, u, a) = row.map_err(unavailable)?;
+                    Ok(Member {
+                        id: UserId(id),
+                        username: Username::trusted(u),
+                        attributes: attrs_trusted(&a)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            Ok(Some(GroupPage {
+                token_version: ver,
+                attributes: attrs_trusted(&attrs)?,
+                group: GroupInfo {
+                    id: GroupId(gid),
+                    attributes: attrs_trusted(&gattrs)?,
+                    member_count: count,
+                    created_at: time_from(&created)?,
+                },
+                members,
+            }))
         })
         .await
     }

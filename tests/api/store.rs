@@ -88,6 +88,34 @@ async fn behaves(pg: bool) {
     assert_eq!(g.member_count, 2);
     assert_eq!(s.counts().await.unwrap(), (1, 2));
 
+    // The group page: the caller, its group, the count and one page, at
+    // once; a page past the end still says who the caller is.
+    let page = s.group_page(bob.user.id, None, 1).await.unwrap().unwrap();
+    assert_eq!(page.token_version, 0);
+    assert_eq!(page.attributes, set(&["a", "b", "c", "x"]));
+    assert_eq!(page.group, g);
+    let names: Vec<&str> = page.members.iter().map(|m| m.username.as_str()).collect();
+    assert_eq!(names, ["ann"]);
+    let rest = s
+        .group_page(bob.user.id, Some(ann.user.id), 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest.members, members[1..]);
+    let past = s
+        .group_page(bob.user.id, Some(bob.user.id), 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(past.members.is_empty());
+    assert_eq!(past.group.member_count, 2);
+    assert!(
+        s.group_page(cohort::domain::UserId(999_999), None, 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
     // The best group: the largest overlap, then the smallest id.
     let cat = place(s.as_ref(), "cat", &["p", "q", "r", "s"])
         .await
@@ -153,6 +181,23 @@ async fn behaves(pg: bool) {
     );
     assert!(s.replay("other").await.unwrap().is_none());
     assert_eq!(s.counts().await.unwrap(), (3, 4));
+
+    // The member count is kept as data: it follows joins and deletions.
+    let zed = place(s.as_ref(), "zed", &["a", "b", "c", "y"])
+        .await
+        .unwrap();
+    assert_eq!(zed.user.group_id, ann.user.group_id);
+    let count = |id| {
+        let s = s.clone();
+        async move { s.group(id).await.unwrap().unwrap().member_count }
+    };
+    assert_eq!(count(ann.user.group_id).await, 3);
+    assert!(s.delete_user(bob.user.id).await.unwrap());
+    assert_eq!(count(ann.user.group_id).await, 2);
+    let page = s.group_page(zed.user.id, None, 10).await.unwrap().unwrap();
+    assert_eq!(page.group.member_count, 2);
+    assert_eq!(page.members.len(), 2);
+    assert!(s.group_page(bob.user.id, None, 10).await.unwrap().is_none());
 
     // A store configured with another threshold keeps the recorded one and
     // refuses to commit.
