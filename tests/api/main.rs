@@ -11,6 +11,7 @@ mod failures;
 mod faults;
 mod group;
 mod index;
+mod methods;
 mod ops;
 mod properties;
 mod restart;
