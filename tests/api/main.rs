@@ -12,6 +12,7 @@ mod faults;
 mod group;
 mod index;
 mod methods;
+mod openapi;
 mod ops;
 mod properties;
 mod restart;
