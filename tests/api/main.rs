@@ -11,6 +11,8 @@ mod failures;
 mod faults;
 mod group;
 mod index;
+mod methods;
+mod openapi;
 mod ops;
 mod properties;
 mod restart;

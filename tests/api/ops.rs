@@ -49,7 +49,7 @@ both_modes!(
         assert_eq!(res.headers()["allow"], "POST");
         assert_problem(res, 405).await;
         let res = app.http.post(app.url("/v1/me")).send().await.unwrap();
-        assert_eq!(res.headers()["allow"], "GET, DELETE");
+        assert_eq!(res.headers()["allow"], "GET, HEAD, DELETE");
         assert_problem(res, 405).await;
     }
 );
