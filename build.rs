@@ -20,6 +20,8 @@ fn main() {
     });
     println!(
         "cargo:rustc-env=COHORT_GIT_COMMIT={}",
-        commit.filter(|c| !c.is_empty()).unwrap_or_else(|| "unknown".into())
+        commit
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| "unknown".into())
     );
 }

@@ -110,8 +110,8 @@ impl Metrics {
             // Reads answer in a fraction of a millisecond; signups take an
             // argon2 hash (tens of ms); 10 s is the request deadline.
             .buckets(vec![
-                0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                2.5, 5.0, 10.0,
+                0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                5.0, 10.0,
             ]),
             &["method", "route"],
         )

@@ -78,16 +78,22 @@ pub struct RequestIdValue(pub String);
 /// every log line and back into a response header.
 fn valid_request_id(s: &str) -> bool {
     (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'='))
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'=')
+        })
 }
 
 /// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
 /// when it is well formed and not all zeros.
 fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');
-    let (version, trace, parent, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
     (hex(version, 2)
         && version != "ff"
         && hex(trace, 32)
@@ -101,7 +107,10 @@ pub async fn request_id_header(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
-    let id = req.extensions().get::<RequestIdValue>().map(|r| r.0.clone());
+    let id = req
+        .extensions()
+        .get::<RequestIdValue>()
+        .map(|r| r.0.clone());
     let mut res = next.call(req).await?;
     if let Some(id) = id.and_then(|s| HeaderValue::from_str(&s).ok()) {
         res.headers_mut()
@@ -183,7 +192,12 @@ impl RootSpanBuilder for RootSpan {
             .and_then(|v| v.to_str().ok())
             .filter(|s| valid_request_id(s))
             .map(str::to_owned)
-            .or_else(|| request.extensions().get::<RequestId>().map(|r| r.to_string()))
+            .or_else(|| {
+                request
+                    .extensions()
+                    .get::<RequestId>()
+                    .map(|r| r.to_string())
+            })
             .unwrap_or_default();
         request
             .extensions_mut()
@@ -227,8 +241,14 @@ mod tests {
         assert!(!valid_request_id("a b"));
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert_eq!(trace_id(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
-        assert_eq!(trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
-        assert_eq!(trace_id("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"), None);
+        assert_eq!(
+            trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(
+            trace_id("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+            None
+        );
         assert_eq!(trace_id("garbage"), None);
     }
 }

@@ -225,6 +225,12 @@ async fn passwords_and_tokens_never_reach_the_logs() {
     assert_eq!(access["level"], "INFO", "{access}");
     assert_eq!(access["fields"]["status"], 401, "{access}");
     assert_eq!(access["fields"]["route"], "/v1/me", "{access}");
-    assert!(access["fields"]["duration_ms"].as_f64().is_some(), "{access}");
-    assert!(!text.contains("\"level\":\"WARN\""), "a client error was logged at WARN");
+    assert!(
+        access["fields"]["duration_ms"].as_f64().is_some(),
+        "{access}"
+    );
+    assert!(
+        !text.contains("\"level\":\"WARN\""),
+        "a client error was logged at WARN"
+    );
 }
