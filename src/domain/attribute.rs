@@ -244,6 +244,11 @@ impl AttributeSet {
     pub fn to_strings(&self) -> Vec<String> {
         self.0.iter().map(|a| a.0.clone()).collect()
     }
+
+    /// The strings themselves, without copying them.
+    pub fn into_strings(self) -> Vec<String> {
+        self.0.into_iter().map(|a| a.0).collect()
+    }
 }
 
 /// Elements two sorted, duplicate-free slices share, in one merge pass.

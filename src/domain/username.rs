@@ -29,6 +29,10 @@ impl Username {
         Self(stored)
     }
 
+    pub fn into_string(self) -> String {
+        self.0
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -426,18 +426,18 @@ pub async fn my_group(
     Ok(HttpResponse::Ok().json(GroupResponse {
         group: GroupDetail {
             id: view.group.id.0,
-            attributes: view.group.attributes.to_strings(),
+            attributes: view.group.attributes.into_strings(),
             member_count: view.group.member_count,
             created_at: view.group.created_at,
         },
-        shared_attributes: view.shared.to_strings(),
+        shared_attributes: view.shared.into_strings(),
         members: view
             .members
             .into_iter()
             .map(|m| MemberView {
                 user_id: m.id.0,
-                username: m.username.to_string(),
-                attributes: m.attributes.to_strings(),
+                username: m.username.into_string(),
+                attributes: m.attributes.into_strings(),
             })
             .collect(),
         next_cursor: view.next_after.map(encode_cursor),

@@ -525,23 +525,29 @@ impl Store for PgStore {
         limit: usize,
     ) -> Result<Option<GroupPage>, StoreError> {
         let client = self.client().await?;
-        // One statement: the caller, its group, the count (at most 16 shard
-        // rows, summed once) and the page (a keyset scan of the members
-        // index). A member-less page still returns the caller's row.
-        let rows = client
-            .query(
+        // One statement, one row: the caller, its group, the count (at most
+        // 16 shard rows) and the page (a keyset scan of the members index),
+        // the page as arrays. One row rather than one per member: the group's
+        // columns are not repeated, and there is one row to decode. A
+        // member's attributes travel joined by U+001F, which no attribute
+        // can contain (control characters are refused on the way in).
+        let row = client
+            .query_opt(
                 &client
                     .prepare_cached(
                         "SELECT u.token_version, u.attributes, g.id, g.attributes, g.created_at, \
-                                c.n, m.id, m.username, m.attributes \
+                                c.n, p.ids, p.names, p.attrs \
                          FROM users u \
                          JOIN groups g ON g.id = u.group_id \
                          CROSS JOIN LATERAL (SELECT coalesce(sum(n), 0)::bigint AS n \
                                FROM group_member_counts WHERE group_id = u.group_id) c \
-                         LEFT JOIN LATERAL (SELECT id, username, attributes FROM users \
-                               WHERE group_id = u.group_id AND id > $2 ORDER BY id LIMIT $3) m ON true \
-                         WHERE u.id = $1 \
-                         ORDER BY m.id",
+                         CROSS JOIN LATERAL (SELECT array_agg(id ORDER BY id) AS ids, \
+                               array_agg(username ORDER BY id) AS names, \
+                               array_agg(array_to_string(attributes, chr(31)) ORDER BY id) AS attrs \
+                               FROM (SELECT id, username, attributes FROM users \
+                                     WHERE group_id = u.group_id AND id > $2 \
+                                     ORDER BY id LIMIT $3) m) p \
+                         WHERE u.id = $1",
                     )
                     .await
                     .map_err(unavailable)?,
@@ -549,27 +555,33 @@ impl Store for PgStore {
             )
             .await
             .map_err(unavailable)?;
-        let mut rows = rows.into_iter();
-        let Some(first) = rows.next() else {
+        let Some(r) = row else {
             return Ok(None);
         };
-        let member = |r: &tokio_postgres::Row| {
-            r.get::<_, Option<i64>>(6).map(|id| Member {
+        let ids: Option<Vec<i64>> = r.get(6);
+        let names: Option<Vec<String>> = r.get(7);
+        let attrs: Option<Vec<String>> = r.get(8);
+        let members = ids
+            .unwrap_or_default()
+            .into_iter()
+            .zip(names.unwrap_or_default())
+            .zip(attrs.unwrap_or_default())
+            .map(|((id, name), joined)| Member {
                 id: UserId(id),
-                username: Username::trusted(r.get(7)),
-                attributes: AttributeSet::trusted(r.get(8)),
+                username: Username::trusted(name),
+                attributes: AttributeSet::trusted(
+                    joined.split('\u{1f}').map(str::to_owned).collect(),
+                ),
             })
-        };
-        let mut members: Vec<Member> = member(&first).into_iter().collect();
-        members.extend(rows.filter_map(|r| member(&r)));
+            .collect();
         Ok(Some(GroupPage {
-            token_version: first.get(0),
-            attributes: AttributeSet::trusted(first.get(1)),
+            token_version: r.get(0),
+            attributes: AttributeSet::trusted(r.get(1)),
             group: GroupInfo {
-                id: GroupId(first.get(2)),
-                attributes: AttributeSet::trusted(first.get(3)),
-                created_at: first.get(4),
-                member_count: first.get(5),
+                id: GroupId(r.get(2)),
+                attributes: AttributeSet::trusted(r.get(3)),
+                created_at: r.get(4),
+                member_count: r.get(5),
             },
             members,
         }))
