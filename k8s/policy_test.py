@@ -23,6 +23,16 @@ installable here):
     terminationGracePeriodSeconds; /metrics on its own port
     (COHORT_METRICS_LISTEN) that no Ingress routes
   * no Secret is rendered outside the dev overlay
+  * the recommended labels app.kubernetes.io/{name,instance,version,component,
+    part-of,managed-by} on every object, name/instance/component on every pod
+    template, and cohort's `version` equal to the cohort image's tag
+  * NetworkPolicy: the API pods admit traffic only per port and only from
+    selected namespaces (the ingress controller's for `http`, Prometheus' for
+    `metrics`); every cohort pod is under an Egress policy that allows only
+    DNS (53 UDP+TCP), Postgres (5432) and Redis (6379, 6380)
+  * the `cohort verify` CronJob: present, concurrencyPolicy Forbid, history
+    limits, a deadline, and the Deployment's image, envFrom, service account
+    and securityContext (pod and container)
 
 Prints one line per check and a closing "N passed, N failed"; exit 1 on any
 failure. Needs PyYAML.
@@ -43,6 +53,11 @@ WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 LONG_RUNNING = {"Deployment", "StatefulSet", "DaemonSet"}
 DEFAULT_SHUTDOWN_TIMEOUT = 20  # cohort's default, seconds
 DEFAULT_GRACE = 30  # Kubernetes' default terminationGracePeriodSeconds
+RECOMMENDED = ["name", "instance", "version", "component", "part-of", "managed-by"]
+POD_TEMPLATE_LABELS = ["name", "instance", "component"]
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+EGRESS_ALLOWED = {(53, "UDP"), (53, "TCP"), (5432, "TCP"), (6379, "TCP"), (6380, "TCP")}
+EGRESS_REQUIRED = {(53, "UDP"), (53, "TCP"), (5432, "TCP"), (6379, "TCP")}
 
 
 class Report:
@@ -160,6 +175,133 @@ def port_of(addr: str) -> int | None:
 def is_cohort(container: dict) -> bool:
     image = container.get("image", "")
     return "cohort" in image.rsplit("/", 1)[-1].split(":")[0].split("@")[0]
+
+
+def image_tag(image: str) -> str | None:
+    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return last.rsplit(":", 1)[1] if ":" in last else None
+
+
+def resolve_port(port, container_ports: dict[str, int]):
+    """A NetworkPolicy port (name or number) as a number, when it can be known."""
+    if isinstance(port, int):
+        return port
+    if isinstance(port, str) and port.isdigit():
+        return int(port)
+    return container_ports.get(port, port)
+
+
+def check_labels(name: str, docs: list[dict], r: Report) -> None:
+    cohort_tag = None
+    for d in docs:
+        if d["kind"] == "Deployment":
+            for c in pod_spec(d).get("containers") or []:
+                if is_cohort(c):
+                    cohort_tag = image_tag(c.get("image", ""))
+    for d in docs:
+        obj = f"{name}: {d['kind']}/{d['metadata']['name']}"
+        labels = d["metadata"].get("labels") or {}
+        missing = [k for k in RECOMMENDED if not labels.get(f"app.kubernetes.io/{k}")]
+        r.check(not missing, f"{obj}: recommended labels" + (f" (missing {', '.join(missing)})" if missing else ""))
+        bad = [k for k, v in labels.items() if not LABEL_VALUE.match(str(v)) or len(str(v)) > 63]
+        r.check(not bad, f"{obj}: label values are valid" + (f" ({', '.join(bad)})" if bad else ""))
+        if d["kind"] in WORKLOADS:
+            pl = pod_labels(d)
+            pm = [k for k in POD_TEMPLATE_LABELS if not pl.get(f"app.kubernetes.io/{k}")]
+            r.check(not pm, f"{obj}: pod template labels name, instance, component"
+                    + (f" (missing {', '.join(pm)})" if pm else ""))
+        if labels.get("app.kubernetes.io/name") == "cohort" and cohort_tag:
+            v = labels.get("app.kubernetes.io/version")
+            r.check(v == cohort_tag, f"{obj}: app.kubernetes.io/version {v} is the cohort image tag {cohort_tag}")
+
+
+def check_network_policies(name: str, docs: list[dict], r: Report) -> None:
+    pols = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    for d in docs:
+        if d["kind"] not in WORKLOADS or pod_labels(d).get("app.kubernetes.io/name") != "cohort":
+            continue
+        wl = f"{name}: {d['kind']}/{d['metadata']['name']}"
+        labels = pod_labels(d)
+        pod = pod_spec(d)
+        cports = {p.get("name"): p.get("containerPort") for c in pod.get("containers") or []
+                  for p in c.get("ports") or [] if p.get("name")}
+        selecting = [p for p in pols if selector_matches(p["spec"].get("podSelector"), labels)
+                     or p["spec"].get("podSelector") == {}]
+        # -- ingress
+        ing_pols = [p for p in selecting if "Ingress" in (p["spec"].get("policyTypes") or ["Ingress"])]
+        r.check(bool(ing_pols), f"{wl}: selected by an Ingress NetworkPolicy (default deny)")
+        admitted: dict = {}
+        open_rule = False
+        for p in ing_pols:
+            for rule in p["spec"].get("ingress") or []:
+                peers = rule.get("from") or []
+                ports = rule.get("ports") or []
+                if not peers or not ports:
+                    open_rule = True
+                for peer in peers:
+                    ns = peer.get("namespaceSelector")
+                    if not ns or not (ns.get("matchLabels") or ns.get("matchExpressions")) or "ipBlock" in peer:
+                        open_rule = True
+                for port in ports:
+                    admitted.setdefault(resolve_port(port.get("port"), cports), []).append(peers)
+        r.check(not open_rule, f"{wl}: every ingress rule names its ports and its source namespaces")
+        if d["kind"] == "Deployment" and "http" in cports:
+            for pname in ("http", "metrics"):
+                if pname in cports:
+                    r.check(bool(admitted.get(cports[pname])),
+                            f"{wl}: the {pname} port is admitted from a selected namespace")
+            h = admitted.get(cports.get("http")) or []
+            m = admitted.get(cports.get("metrics")) or []
+            r.check(not h or not m or h != m, f"{wl}: http and metrics admitted from different sources")
+        extra = set(admitted) - set(cports.values())
+        r.check(not extra, f"{wl}: ingress admits only its declared ports" + (f" (also {extra})" if extra else ""))
+        # -- egress
+        eg_pols = [p for p in selecting if "Egress" in (p["spec"].get("policyTypes") or [])]
+        r.check(bool(eg_pols), f"{wl}: selected by an Egress NetworkPolicy")
+        allowed, unrestricted = set(), False
+        for p in eg_pols:
+            for rule in p["spec"].get("egress") or []:
+                if not rule.get("ports"):
+                    unrestricted = True
+                for port in rule.get("ports") or []:
+                    allowed.add((resolve_port(port.get("port"), cports), port.get("protocol", "TCP")))
+        r.check(not unrestricted, f"{wl}: every egress rule is limited to ports")
+        r.check(allowed <= EGRESS_ALLOWED, f"{wl}: egress only to DNS, Postgres, Redis"
+                + (f" (also {sorted(allowed - EGRESS_ALLOWED, key=str)})" if not allowed <= EGRESS_ALLOWED else ""))
+        r.check(EGRESS_REQUIRED <= allowed, f"{wl}: egress to DNS (53 UDP+TCP), Postgres 5432 and Redis 6379"
+                + (f" (missing {sorted(EGRESS_REQUIRED - allowed, key=str)})" if not EGRESS_REQUIRED <= allowed else ""))
+
+
+def check_verify_cronjob(name: str, docs: list[dict], r: Report) -> None:
+    dep = next((d for d in docs if d["kind"] == "Deployment" and any(
+        is_cohort(c) for c in pod_spec(d).get("containers") or [])), None)
+    cjs = [d for d in docs if d["kind"] == "CronJob" and any(
+        is_cohort(c) and "verify" in (c.get("args") or []) for c in pod_spec(d).get("containers") or [])]
+    r.check(len(cjs) == 1, f"{name}: one CronJob runs `cohort verify`")
+    if not cjs or dep is None:
+        return
+    cj = cjs[0]
+    cn = f"{name}: CronJob/{cj['metadata']['name']}"
+    spec = cj["spec"]
+    job = spec["jobTemplate"]["spec"]
+    pod = pod_spec(cj)
+    dpod = pod_spec(dep)
+    c = next(x for x in pod["containers"] if is_cohort(x))
+    dc = next(x for x in dpod["containers"] if is_cohort(x))
+    r.check(spec.get("concurrencyPolicy") == "Forbid", f"{cn}: concurrencyPolicy Forbid")
+    for k in ("successfulJobsHistoryLimit", "failedJobsHistoryLimit"):
+        v = spec.get(k)
+        r.check(isinstance(v, int) and 0 < v <= 10, f"{cn}: {k} set (1-10: {v})")
+    r.check(isinstance(job.get("activeDeadlineSeconds"), int), f"{cn}: the Job has an activeDeadlineSeconds")
+    r.check(pod.get("restartPolicy") in ("Never", "OnFailure"), f"{cn}: restartPolicy Never or OnFailure")
+    r.check(c.get("image") == dc.get("image"), f"{cn}: the Deployment's image ({c.get('image')})")
+    r.check(c.get("envFrom") == dc.get("envFrom") and c.get("env") == dc.get("env"),
+            f"{cn}: the Deployment's environment (envFrom and env)")
+    r.check(pod.get("securityContext") == dpod.get("securityContext"), f"{cn}: the Deployment's pod securityContext")
+    r.check(c.get("securityContext") == dc.get("securityContext"), f"{cn}: the Deployment's container securityContext")
+    r.check(pod.get("serviceAccountName") == dpod.get("serviceAccountName")
+            and pod.get("automountServiceAccountToken") is False,
+            f"{cn}: the Deployment's service account, no token mounted")
 
 
 # ---------------------------------------------------------------- the policy
@@ -316,6 +458,10 @@ def check_rendering(name: str, docs: list[dict], r: Report) -> None:
     if not name.startswith("overlays/dev"):
         r.check(not by_kind.get("Secret"), f"{name}: renders no Secret (created out of band)")
 
+    check_labels(name, docs, r)
+    check_network_policies(name, docs, r)
+    check_verify_cronjob(name, docs, r)
+
 
 # ---------------------------------------------------------------- driver
 def render(path: Path) -> list[dict]:
@@ -343,8 +489,18 @@ def mutations():
     def cm(docs):
         return next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("cohort-config"))
 
-    def set_(f):
-        return f
+    def kind(docs, k):
+        return next(d for d in docs if d["kind"] == k)
+
+    def api_np(docs):
+        return next(d for d in docs if d["kind"] == "NetworkPolicy"
+                    and (d["spec"].get("podSelector") or {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "api")
+
+    def egress_np(docs):
+        return next(d for d in docs if d["kind"] == "NetworkPolicy" and "Egress" in (d["spec"].get("policyTypes") or []))
+
+    def cj0(docs):
+        return pod_spec(kind(docs, "CronJob"))["containers"][0]
 
     return [
         ("privilege escalation allowed", lambda d: c0(d)["securityContext"].update(allowPrivilegeEscalation=True)),
@@ -369,6 +525,27 @@ def mutations():
             ["http"]["paths"][0]["backend"]["service"]["port"].update(name="metrics")),
         ("Secret committed", lambda d: d.append({"apiVersion": "v1", "kind": "Secret",
                                                  "metadata": {"name": "x"}, "stringData": {"a": "b"}})),
+        ("a recommended label missing", lambda d: kind(d, "Service")["metadata"]["labels"]
+            .pop("app.kubernetes.io/instance")),
+        ("version label is not the image tag", lambda d: dep(d)["metadata"]["labels"]
+            .update({"app.kubernetes.io/version": "9.9.9"})),
+        ("pod template without component", lambda d: dep(d)["spec"]["template"]["metadata"]["labels"]
+            .pop("app.kubernetes.io/component")),
+        ("API port open to every namespace", lambda d: api_np(d)["spec"]["ingress"][0].pop("from")),
+        ("API port open to any pod in the cluster", lambda d: api_np(d)["spec"]["ingress"][0]
+            .update({"from": [{"namespaceSelector": {}}]})),
+        ("metrics port not admitted", lambda d: api_np(d)["spec"]["ingress"].pop(1)),
+        ("no egress policy", lambda d: d.remove(egress_np(d))),
+        ("egress to any port", lambda d: egress_np(d)["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]})),
+        ("egress to port 443", lambda d: egress_np(d)["spec"]["egress"].append({"ports": [{"port": 443, "protocol": "TCP"}]})),
+        ("no DNS egress", lambda d: egress_np(d)["spec"]["egress"].pop(0)),
+        ("no verify CronJob", lambda d: d.remove(kind(d, "CronJob"))),
+        ("verify CronJob concurrencyPolicy Allow", lambda d: kind(d, "CronJob")["spec"].update(concurrencyPolicy="Allow")),
+        ("verify CronJob without a history limit", lambda d: kind(d, "CronJob")["spec"].pop("failedJobsHistoryLimit")),
+        ("verify CronJob on another image", lambda d: cj0(d).update(image="ghcr.io/example/cohort:0.0.9")),
+        ("verify CronJob without the secrets", lambda d: cj0(d)["envFrom"].pop()),
+        ("verify CronJob securityContext differs", lambda d: pod_spec(kind(d, "CronJob"))["securityContext"]
+            .update(runAsUser=1000)),
     ]
 
 

@@ -4,9 +4,10 @@
   check_dashboards.py lint  [DASHBOARD.json ...]
       every file parses as JSON, has a non-empty uid (unique across files), a
       `datasource` template variable, every panel/target uses ${datasource}
-      rather than a hard-coded datasource, and every target expr parses as
-      PromQL: the exprs (Grafana variables substituted) are written as
-      recording rules to a temp file and `promtool check rules` runs on it.
+      rather than a hard-coded datasource, and every target and annotation
+      expr parses as PromQL: the exprs (Grafana variables substituted) are
+      written as recording rules to a temp file and `promtool check rules`
+      runs on it.
 
   check_dashboards.py query [--url http://127.0.0.1:19090] [--range 15m]
                             [--allow-empty TITLE-SUBSTRING ...] [DASHBOARD.json ...]
@@ -55,6 +56,15 @@ def targets_of(dash: dict):
                 yield p, t
 
 
+def annotations_of(dash: dict):
+    """Query annotations (Grafana's built-in "Annotations & Alerts" has no expr
+    and a grafana datasource: skipped)."""
+    for a in (dash.get("annotations") or {}).get("list", []) or []:
+        if (a.get("datasource") or {}).get("type") == "grafana" or a.get("builtIn"):
+            continue
+        yield a
+
+
 def files(args: list[str]) -> list[Path]:
     return [Path(a) for a in args] or sorted((HERE / "dashboards").glob("*.json"))
 
@@ -64,6 +74,7 @@ def lint(paths: list[Path]) -> int:
     uids: dict[str, Path] = {}
     rules = {"groups": []}
     n_exprs = 0
+    n_annotations = 0
     for path in paths:
         try:
             dash = json.loads(path.read_text())
@@ -94,6 +105,16 @@ def lint(paths: list[Path]) -> int:
             n_exprs += 1
             group["rules"].append({"record": f"dashboard:check:{i}", "expr": substitute(t["expr"]),
                                    "labels": {"panel": p.get("title", "")[:60]}})
+        for i, ann in enumerate(annotations_of(dash)):
+            ds = ann.get("datasource")
+            if not isinstance(ds, dict) or ds.get("uid") != "${datasource}":
+                errors.append(f"{path}: annotation '{ann.get('name')}' uses datasource {ds!r}, not ${{datasource}}")
+            if not ann.get("expr"):
+                errors.append(f"{path}: annotation '{ann.get('name')}' has no expr")
+                continue
+            n_annotations += 1
+            group["rules"].append({"record": f"dashboard:annotation:{i}", "expr": substitute(ann["expr"]),
+                                   "labels": {"annotation": ann.get("name", "")[:60]}})
         rules["groups"].append(group)
     with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as fh:
         json.dump(rules, fh)  # JSON is YAML
@@ -104,7 +125,7 @@ def lint(paths: list[Path]) -> int:
     Path(rules_path).unlink(missing_ok=True)
     for e in errors:
         print(f"FAIL {e}")
-    print(f"dashboards: {len(paths)} file(s), {n_exprs} panel queries; "
+    print(f"dashboards: {len(paths)} file(s), {n_exprs} panel queries, {n_annotations} annotation queries; "
           f"{'OK' if not errors else str(len(errors)) + ' problem(s)'}")
     return 1 if errors else 0
 
@@ -113,7 +134,10 @@ def query(paths: list[Path], url: str, rng: str, allow_empty: list[str]) -> int:
     empty, ok, failed = [], 0, 0
     for path in paths:
         dash = json.loads(path.read_text())
-        for p, t in targets_of(dash):
+        queries = list(targets_of(dash)) + [
+            ({"title": f"annotation {a.get('name')}"}, {"expr": a["expr"], "refId": "-"})
+            for a in annotations_of(dash) if a.get("expr")]
+        for p, t in queries:
             expr = substitute(t["expr"], rng)
             q = urllib.parse.urlencode({"query": expr})
             title = f"{p.get('title')} [{t.get('refId')}]"
@@ -134,7 +158,9 @@ def query(paths: list[Path], url: str, rng: str, allow_empty: list[str]) -> int:
                     f"={float(r['value'][1]):.4g}" for r in result[:3])
                 print(f"  DATA    {title}: {len(result)} series ({sample}{', ...' if len(result) > 3 else ''})")
                 ok += 1
-            elif any(s in title for s in allow_empty):
+            elif any(s in title for s in allow_empty) or title.startswith("annotation "):
+                # Annotations mark events (rebuilds, deploys, restarts): a run
+                # without one has nothing to show.
                 print(f"  empty   {title} (allowed)")
                 ok += 1
             else:

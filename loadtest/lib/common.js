@@ -139,6 +139,55 @@ export function getGroup(token, limit) {
   return res;
 }
 
+// One page of the caller's group: GET /v1/me/group?limit=&cursor=.
+export function groupPage(token, limit, cursor) {
+  const q = [];
+  if (limit) q.push(`limit=${limit}`);
+  if (cursor) q.push(`cursor=${encodeURIComponent(cursor)}`);
+  const res = http.get(`${BASE_URL}/v1/me/group${q.length ? `?${q.join('&')}` : ''}`,
+    { headers: { Authorization: `Bearer ${token}` }, tags: { name: 'GET /v1/me/group (page)' } });
+  let body = null;
+  try { body = res.json(); } catch (e) { body = null; }
+  return { res, body };
+}
+
+export const groupPages = new Counter('cohort_group_pages');
+export const groupWalk = new Trend('cohort_group_walk_duration', true);
+
+// Page through the caller's whole group, following next_cursor until it is
+// null (at most maxPages pages). Checks every page answers 200, no member is
+// listed twice, and the walk sees at least the member_count of its first
+// page (members only join during a load test; new ones appear at the end).
+// Returns the number of members seen, or -1 on a failed page.
+export function walkGroup(token, limit, maxPages = 200) {
+  const t0 = Date.now();
+  const seen = new Set();
+  let cursor = null;
+  let expected = null;
+  let pages = 0;
+  let dup = false;
+  do {
+    const { res, body } = groupPage(token, limit, cursor);
+    pages += 1;
+    groupPages.add(1);
+    const ok = check(res, {
+      'page 200': (r) => r.status === 200,
+      'page lists members': () => body !== null && Array.isArray(body.members),
+    });
+    if (!ok) return -1;
+    if (expected === null) expected = body.group.member_count;
+    body.members.forEach((m) => { if (seen.has(m.user_id)) dup = true; seen.add(m.user_id); });
+    cursor = body.next_cursor;
+  } while (cursor && pages < maxPages);
+  groupWalk.add(Date.now() - t0);
+  check(null, {
+    'walk: no member listed twice': () => !dup,
+    'walk: every member seen': () => seen.size >= expected,
+    'walk: ended on a null next_cursor': () => !cursor,
+  });
+  return seen.size;
+}
+
 export function getMe(token) {
   const res = http.get(`${BASE_URL}/v1/me`,
     { headers: { Authorization: `Bearer ${token}` }, tags: { name: 'GET /v1/me' } });
@@ -180,6 +229,43 @@ export function makeUsers(runId, n, tag = 's') {
   return users;
 }
 
+// setup(): one group of n members (all sign up with the same six attributes,
+// unique to the run, so they share more than any threshold), and tokens for
+// the first `readers` of them.
+export function makeBigGroup(runId, n, readers, tag = 'b') {
+  const attrs = ['a', 'b', 'c', 'd', 'e', 'f'].map((x) => `big ${runId} ${x}`);
+  const names = [];
+  for (let i = 0; i < n; i++) names.push(`${tag}${runId}.big${i}`);
+  let groupId = null;
+  for (let start = 0; start < n; start += 20) {
+    const batch = names.slice(start, start + 20);
+    // The founder first, alone, so that the others all join its group.
+    const parts = start === 0 ? [batch.slice(0, 1), batch.slice(1)] : [batch];
+    parts.forEach((part) => {
+      if (!part.length) return;
+      const res = http.batch(part.map((u) => ['POST', `${BASE_URL}/v1/signup`,
+        JSON.stringify({ username: u, password: passwordFor(u), attributes: attrs }),
+        { headers: JSON_HEADERS, tags: { name: 'POST /v1/signup (setup)' } }]));
+      res.forEach((r, i) => {
+        if (r.status !== 201) fail(`setup big-group signup ${part[i]}: ${r.status} ${r.body}`);
+        const g = r.json('group.id');
+        if (groupId === null) groupId = g;
+        if (g !== groupId) fail(`setup big-group signup ${part[i]} joined group ${g}, not ${groupId}`);
+      });
+    });
+  }
+  const tokens = [];
+  const who = names.slice(0, Math.min(readers, n));
+  const signins = http.batch(who.map((u) => ['POST', `${BASE_URL}/v1/signin`,
+    JSON.stringify({ username: u, password: passwordFor(u) }),
+    { headers: JSON_HEADERS, tags: { name: 'POST /v1/signin (setup)' } }]));
+  signins.forEach((r, i) => {
+    if (r.status !== 200) fail(`setup big-group signin ${who[i]}: ${r.status} ${r.body}`);
+    tokens.push(r.json('access_token'));
+  });
+  return { groupId, size: n, tokens };
+}
+
 // ---------------------------------------------------------------- summary
 function fmtMs(v) { return v === undefined ? '-' : `${v.toFixed(1)}ms`; }
 
@@ -207,7 +293,7 @@ export function figures(data) {
   return { duration_s: dur, scenarios: out };
 }
 
-export function summarize(name, data) {
+export function summarize(name, data, extra = {}) {
   const path = __ENV.SUMMARY_JSON || `loadtest/results/${name}-summary.json`;
   const fig = figures(data);
   const lines = [`\n== cohort k6 ${name}: ${fig.duration_s.toFixed(1)} s against ${BASE_URL}`];
@@ -229,6 +315,7 @@ export function summarize(name, data) {
   lines.push(failedTh.length ? `   THRESHOLDS FAILED:\n     ${failedTh.join('\n     ')}` : '   thresholds: all passed');
   lines.push(`   summary JSON: ${path}\n`);
   const out = { stdout: lines.join('\n') };
-  out[path] = JSON.stringify({ scenario: name, base_url: BASE_URL, figures: fig, thresholds_failed: failedTh, k6: data }, null, 2);
+  out[path] = JSON.stringify(Object.assign({ scenario: name, base_url: BASE_URL, figures: fig, thresholds_failed: failedTh },
+    extra, { k6: data }), null, 2);
   return out;
 }
