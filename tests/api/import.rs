@@ -30,7 +30,7 @@ fn user(n: usize, vocab: usize) -> (String, Vec<String>) {
         .enumerate()
         .map(|(i, a)| if i % 2 == 0 { format!(" {} ", a.to_uppercase()) } else { a })
         .collect();
-    (format!("u{n}"), attrs)
+    (format!("user{n}"), attrs)
 }
 
 fn write_file(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
@@ -174,7 +174,7 @@ async fn differential(mode: Mode) {
     // An imported user signs in with the password of the hash.
     drop(app);
     let served = spawn_with(backing, |_| {}).await;
-    assert_eq!(served.signin("u7", PASSWORD).await.status().as_u16(), 200);
+    assert_eq!(served.signin("user7", PASSWORD).await.status().as_u16(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
