@@ -119,8 +119,7 @@ pub fn parse(line: u64, bytes: &[u8], rules: &Rules) -> Result<Entry, Reject> {
             format!("line longer than {MAX_LINE_BYTES} bytes"),
         ));
     }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| reject(None, "not valid UTF-8".into()))?;
+    let text = std::str::from_utf8(bytes).map_err(|_| reject(None, "not valid UTF-8".into()))?;
     let raw: RawLine = serde_json::from_str(text)
         .map_err(|e| reject(None, format!("not a JSON object of the import format: {e}")))?;
     let shown = raw.username.clone();
@@ -194,8 +193,9 @@ fn fields(errs: &[crate::domain::FieldError]) -> String {
 /// so OWASP's equivalent m=47104,t=1 passes and m=19456,t=1 does not.
 pub fn check_phc(phc: &str) -> Result<(), String> {
     use argon2::{Algorithm, Params, PasswordHash};
-    let parsed = PasswordHash::new(phc)
-        .map_err(|e| format!("not a PHC string ($argon2id$v=19$m=...,t=...,p=...$salt$hash): {e}"))?;
+    let parsed = PasswordHash::new(phc).map_err(|e| {
+        format!("not a PHC string ($argon2id$v=19$m=...,t=...,p=...$salt$hash): {e}")
+    })?;
     if parsed.algorithm != Algorithm::Argon2id.ident() {
         return Err(format!(
             "algorithm {} is not accepted: only argon2id hashes can be imported \
@@ -206,9 +206,11 @@ pub fn check_phc(phc: &str) -> Result<(), String> {
     if parsed.version != Some(0x13) {
         return Err("argon2 version must be 19 (0x13)".into());
     }
-    let params = Params::try_from(&parsed).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
+    let params =
+        Params::try_from(&parsed).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
     let (m, t, p) = (params.m_cost(), params.t_cost(), params.p_cost());
-    if m < ARGON2_M_KIB || u64::from(m) * u64::from(t) < u64::from(ARGON2_M_KIB) * u64::from(ARGON2_T)
+    if m < ARGON2_M_KIB
+        || u64::from(m) * u64::from(t) < u64::from(ARGON2_M_KIB) * u64::from(ARGON2_T)
     {
         return Err(format!(
             "argon2id parameters m={m},t={t},p={p} are weaker than the service's \
@@ -221,7 +223,9 @@ pub fn check_phc(phc: &str) -> Result<(), String> {
     }
     let out_len = parsed.hash.map_or(0, |h| h.len());
     if out_len < 16 {
-        return Err(format!("hash output of {out_len} bytes; at least 16 are required"));
+        return Err(format!(
+            "hash output of {out_len} bytes; at least 16 are required"
+        ));
     }
     Ok(())
 }
@@ -262,7 +266,11 @@ mod tests {
         assert!(check_phc(&hash_with(47_104, 1)).is_ok());
         let weak = check_phc(&hash_with(19_456, 1)).unwrap_err();
         assert!(weak.contains("weaker"), "{weak}");
-        assert!(check_phc(&hash_with(8_192, 5)).unwrap_err().contains("weaker"));
+        assert!(
+            check_phc(&hash_with(8_192, 5))
+                .unwrap_err()
+                .contains("weaker")
+        );
         let bcrypt = "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW";
         assert!(check_phc(bcrypt).is_err());
         let argon2i = hash_with(19_456, 2).replacen("argon2id", "argon2i", 1);

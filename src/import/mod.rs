@@ -280,8 +280,11 @@ async fn connect(config: &Config) -> Result<(Backend, Vec<u8>), ImportError> {
                 client,
                 std::time::Duration::from_secs(10),
             );
-            let redis =
-                RedisIndex::new(Arc::new(conn), &config.settings.redis_prefix, config.threshold);
+            let redis = RedisIndex::new(
+                Arc::new(conn),
+                &config.settings.redis_prefix,
+                config.threshold,
+            );
             let session = store.import_session().await?;
             Ok((Backend::Distributed { session, redis }, jwt_secret.clone()))
         }
@@ -290,8 +293,8 @@ async fn connect(config: &Config) -> Result<(Backend, Vec<u8>), ImportError> {
                 .await
                 .map_err(|e| setup(format!("{e:#}")))?;
             let (store, index) = b.embedded.expect("embedded backends");
-            let deployed = crate::store::Store::ensure_deployment(store.as_ref(), config.threshold)
-                .await?;
+            let deployed =
+                crate::store::Store::ensure_deployment(store.as_ref(), config.threshold).await?;
             if deployed != config.threshold.get() {
                 return Err(setup(format!(
                     "this data directory was built with threshold {deployed}, not {}",
@@ -541,8 +544,10 @@ async fn import_chunk(
             Err(ImportError::Store(StoreError::UsernameTaken)) => {
                 // A live signup took a name since step 1: sort again.
                 let kept = sort_out(backend.session(), entries.clone(), summary, rejected).await?;
-                let names: std::collections::HashSet<String> =
-                    kept.iter().map(|e| e.username.as_str().to_owned()).collect();
+                let names: std::collections::HashSet<String> = kept
+                    .iter()
+                    .map(|e| e.username.as_str().to_owned())
+                    .collect();
                 users.retain(|u| names.contains(u.username.as_str()));
                 entries = kept;
             }
@@ -579,7 +584,11 @@ async fn place_and_commit(
             (None, Backend::Embedded { index, .. }) => index.as_ref(),
             (None, Backend::Distributed { .. }) => unreachable!("owners read above"),
         };
-        let placed = place::decide(t, committed, users.iter().map(|u| (&u.attributes, &u.keys[..])));
+        let placed = place::decide(
+            t,
+            committed,
+            users.iter().map(|u| (&u.attributes, &u.keys[..])),
+        );
         for (u, p) in users.iter_mut().zip(placed) {
             u.placement = p;
         }
@@ -643,7 +652,10 @@ async fn place_and_commit(
                     if let (Some(server), Some(mark)) = (server, written.dirty_mark)
                         && !session.lift_dirty_mark(mark, &server).await?
                     {
-                        tracing::debug!(mark, "the index stays marked dirty (synced on another server or marked meanwhile)");
+                        tracing::debug!(
+                            mark,
+                            "the index stays marked dirty (synced on another server or marked meanwhile)"
+                        );
                     }
                 }
                 Err(e) => {

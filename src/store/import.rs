@@ -61,7 +61,8 @@ pub type Owner = (Vec<u8>, GroupId, AttributeSet);
 #[async_trait]
 pub trait ImportSession: Send {
     /// The usernames of `names` that exist or were imported.
-    async fn existing(&mut self, names: &[String]) -> Result<HashMap<String, Existing>, StoreError>;
+    async fn existing(&mut self, names: &[String])
+    -> Result<HashMap<String, Existing>, StoreError>;
     /// Opens the batch's transaction: checks the deployment's threshold and
     /// keeps other processes' foundings out until commit or rollback.
     async fn begin(&mut self) -> Result<(), StoreError>;

@@ -34,7 +34,10 @@ impl PgStore {
             .await
             .map_err(unavailable)?;
         client
-            .execute("SELECT pg_advisory_lock($1, $2)", &[&LOCK_CLASS, &SYNC_LOCK])
+            .execute(
+                "SELECT pg_advisory_lock($1, $2)",
+                &[&LOCK_CLASS, &SYNC_LOCK],
+            )
             .await
             .map_err(unavailable)?;
         client
@@ -61,7 +64,10 @@ fn joined(a: &crate::domain::AttributeSet) -> String {
 
 #[async_trait]
 impl ImportSession for PgImportSession {
-    async fn existing(&mut self, names: &[String]) -> Result<HashMap<String, Existing>, StoreError> {
+    async fn existing(
+        &mut self,
+        names: &[String],
+    ) -> Result<HashMap<String, Existing>, StoreError> {
         let rows = self
             .client
             .query(
@@ -274,7 +280,10 @@ impl ImportSession for PgImportSession {
     async fn mark_indexed(&mut self, ids: &[GroupId]) -> Result<(), StoreError> {
         let ids: Vec<i64> = ids.iter().map(|g| g.0).collect();
         self.client
-            .execute("UPDATE groups SET indexed = true WHERE id = ANY($1)", &[&ids])
+            .execute(
+                "UPDATE groups SET indexed = true WHERE id = ANY($1)",
+                &[&ids],
+            )
             .await
             .map_err(unavailable)?;
         Ok(())

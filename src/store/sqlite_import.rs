@@ -37,7 +37,10 @@ impl SqliteStore {
 
 #[async_trait]
 impl ImportSession for SqliteImportSession {
-    async fn existing(&mut self, names: &[String]) -> Result<HashMap<String, Existing>, StoreError> {
+    async fn existing(
+        &mut self,
+        names: &[String],
+    ) -> Result<HashMap<String, Existing>, StoreError> {
         let names = names.to_vec();
         self.store
             .with(move |c| {

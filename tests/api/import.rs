@@ -28,7 +28,13 @@ fn user(n: usize, vocab: usize) -> (String, Vec<String>) {
     let attrs = attrs_for(n, vocab)
         .into_iter()
         .enumerate()
-        .map(|(i, a)| if i % 2 == 0 { format!(" {} ", a.to_uppercase()) } else { a })
+        .map(|(i, a)| {
+            if i % 2 == 0 {
+                format!(" {} ", a.to_uppercase())
+            } else {
+                a
+            }
+        })
         .collect();
     (format!("user{n}"), attrs)
 }
@@ -89,9 +95,8 @@ fn import_cmd(backing: &Backing, file: &Path, extra: &[&str], env: &[(&str, &str
 fn import(backing: &Backing, file: &Path, extra: &[&str]) -> (i32, Value) {
     let out: Output = import_cmd(backing, file, extra, &[]).output().unwrap();
     let code = out.status.code().unwrap_or(-1);
-    let summary = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-        json!({"stderr": String::from_utf8_lossy(&out.stderr).to_string()})
-    });
+    let summary = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| json!({"stderr": String::from_utf8_lossy(&out.stderr).to_string()}));
     (code, summary)
 }
 
@@ -168,13 +173,19 @@ async fn differential(mode: Mode) {
     assert_eq!(summary["imported"], N);
     let imported = placements(&backing).await;
     assert_eq!(imported.len(), N);
-    assert_eq!(imported, by_http, "the import placed users otherwise than HTTP signups");
+    assert_eq!(
+        imported, by_http,
+        "the import placed users otherwise than HTTP signups"
+    );
     assert_eq!(imported, reference(&users));
     assert_db_invariants(&backing).await;
     // An imported user signs in with the password of the hash.
     drop(app);
     let served = spawn_with(backing, |_| {}).await;
-    assert_eq!(served.signin("user7", PASSWORD).await.status().as_u16(), 200);
+    assert_eq!(
+        served.signin("user7", PASSWORD).await.status().as_u16(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,7 +274,10 @@ async fn kill_and_resume(mode: Mode) {
             .query_one("SELECT index_dirty > index_clean FROM deployment", &[])
             .await
             .unwrap();
-        assert!(row.get::<_, bool>(0), "a committed, unpublished batch leaves the index dirty");
+        assert!(
+            row.get::<_, bool>(0),
+            "a committed, unpublished batch leaves the index dirty"
+        );
     }
     // SIGKILL at an arbitrary point of the next run.
     let mut child: Child = import_cmd(&backing, &file, &["--batch", "20"], &[])
@@ -316,7 +330,9 @@ async fn bad_lines(mode: Mode) {
     }
     let hash = phc().await;
     let weak = hash.replacen("t=2", "t=1", 1);
-    let good = |u: &str| json!({"username": u, "password": PASSWORD, "attributes": ["x", "y", "z"]}).to_string();
+    let good = |u: &str| {
+        json!({"username": u, "password": PASSWORD, "attributes": ["x", "y", "z"]}).to_string()
+    };
     let lines = vec![
         good("first"),                                                                 // 1
         "not json".into(),                                                             // 2
@@ -347,23 +363,58 @@ async fn bad_lines(mode: Mode) {
         let (code, summary) = import(&backing, &file, &["--batch", "4"]);
         assert_eq!(code, 1, "{summary}");
         assert_eq!(summary["rejected"], 16, "{summary}");
-        assert_eq!(summary["imported"], if run == 0 { 3 } else { 0 }, "{summary}");
-        assert_eq!(summary["already_imported"], if run == 0 { 0 } else { 3 }, "{summary}");
-        let rejects = std::fs::read_to_string(dir.path().join("users.jsonl.rejects.jsonl")).unwrap();
-        let rejects: Vec<Value> = rejects.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        let got: Vec<u64> = rejects.iter().map(|r| r["line"].as_u64().unwrap()).collect();
-        assert_eq!(got, [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20]);
+        assert_eq!(
+            summary["imported"],
+            if run == 0 { 3 } else { 0 },
+            "{summary}"
+        );
+        assert_eq!(
+            summary["already_imported"],
+            if run == 0 { 0 } else { 3 },
+            "{summary}"
+        );
+        let rejects =
+            std::fs::read_to_string(dir.path().join("users.jsonl.rejects.jsonl")).unwrap();
+        let rejects: Vec<Value> = rejects
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<u64> = rejects
+            .iter()
+            .map(|r| r["line"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20]
+        );
         let reason = |line: u64| {
-            rejects.iter().find(|r| r["line"] == line).unwrap()["reason"].as_str().unwrap().to_owned()
+            rejects.iter().find(|r| r["line"] == line).unwrap()["reason"]
+                .as_str()
+                .unwrap()
+                .to_owned()
         };
         for (line, says) in [
-            (2, "JSON"), (4, "username"), (5, "at least 15"), (6, "too common"), (7, "attributes"),
-            (9, "not both"), (10, "required"), (11, "weaker"), (12, "argon2id"), (13, "unknown field"),
-            (14, "taken"), (15, "taken"), (16, "longer"), (20, "UTF-8"),
+            (2, "JSON"),
+            (4, "username"),
+            (5, "at least 15"),
+            (6, "too common"),
+            (7, "attributes"),
+            (9, "not both"),
+            (10, "required"),
+            (11, "weaker"),
+            (12, "argon2id"),
+            (13, "unknown field"),
+            (14, "taken"),
+            (15, "taken"),
+            (16, "longer"),
+            (20, "UTF-8"),
         ] {
             assert!(reason(line).contains(says), "line {line}: {}", reason(line));
         }
-        assert!(!rejects.iter().any(|r| r.to_string().contains(PASSWORD)), "a password in the reject file");
+        assert!(
+            !rejects.iter().any(|r| r.to_string().contains(PASSWORD)),
+            "a password in the reject file"
+        );
     }
     let placed = placements(&backing).await;
     assert_eq!(placed.len(), 4);
@@ -374,13 +425,22 @@ async fn bad_lines(mode: Mode) {
     let (code, summary) = import(&backing, &dir.path().join("missing.jsonl"), &[]);
     assert_eq!(code, 2, "{summary}");
     let served = spawn_with(backing.clone(), |_| {}).await;
-    assert_eq!(served.signin("hashed", PASSWORD).await.status().as_u16(), 200);
-    assert_eq!(served.signin("first", PASSWORD).await.status().as_u16(), 200);
+    assert_eq!(
+        served.signin("hashed", PASSWORD).await.status().as_u16(),
+        200
+    );
+    assert_eq!(
+        served.signin("first", PASSWORD).await.status().as_u16(),
+        200
+    );
     if mode == Mode::Embedded {
         // The server holds the data directory.
         let (code, summary) = import(&backing, &file, &[]);
         assert_eq!(code, 2, "{summary}");
-        assert!(summary.to_string().contains("another cohort process"), "{summary}");
+        assert!(
+            summary.to_string().contains("another cohort process"),
+            "{summary}"
+        );
     }
 }
 
@@ -393,4 +453,3 @@ async fn every_kind_of_bad_line_is_rejected_with_its_reason_distributed() {
 async fn every_kind_of_bad_line_is_rejected_with_its_reason_embedded() {
     bad_lines(Mode::Embedded).await;
 }
-
