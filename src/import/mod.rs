@@ -129,8 +129,8 @@ pub enum ImportError {
 /// Where batches are decided and committed.
 enum Backend {
     Distributed {
-        session: crate::store::postgres::import::PgImportSession,
-        redis: RedisIndex,
+        session: Box<crate::store::postgres::import::PgImportSession>,
+        redis: Box<RedisIndex>,
     },
     Embedded {
         session: crate::store::sqlite::import::SqliteImportSession,
@@ -142,7 +142,7 @@ enum Backend {
 impl Backend {
     fn session(&mut self) -> &mut dyn ImportSession {
         match self {
-            Backend::Distributed { session, .. } => session,
+            Backend::Distributed { session, .. } => session.as_mut(),
             Backend::Embedded { session, .. } => session,
         }
     }
@@ -286,7 +286,13 @@ async fn connect(config: &Config) -> Result<(Backend, Vec<u8>), ImportError> {
                 config.threshold,
             );
             let session = store.import_session().await?;
-            Ok((Backend::Distributed { session, redis }, jwt_secret.clone()))
+            Ok((
+                Backend::Distributed {
+                    session: Box::new(session),
+                    redis: Box::new(redis),
+                },
+                jwt_secret.clone(),
+            ))
         }
         Mode::Embedded { .. } => {
             let b = crate::startup::embedded(config, &crate::telemetry::Metrics::new())
