@@ -12,7 +12,7 @@ use crate::domain::{AttributeRules, Threshold};
 #[derive(Debug, Parser)]
 #[command(
     name = "cohort",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("COHORT_GIT_COMMIT"), ")"),
     about = "Places every new user into a group of people like them."
 )]
 pub struct Cli {

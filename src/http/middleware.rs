@@ -69,11 +69,48 @@ pub async fn record_metrics(
     Ok(res)
 }
 
+/// The request's id: the caller's `X-Request-Id` when it is a sane one
+/// (so a trace spans the caller's logs and ours), else generated here.
+#[derive(Debug, Clone)]
+pub struct RequestIdValue(pub String);
+
+/// An incoming request id is taken only if short and plain: it goes into
+/// every log line and back into a response header.
+fn valid_request_id(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'=')
+        })
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
+/// when it is well formed and not all zeros.
+fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    (hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && hex(flags, 2))
+    .then_some(trace)
+}
+
 pub async fn request_id_header(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
-    let id = req.extensions().get::<RequestId>().map(|r| r.to_string());
+    let id = req
+        .extensions()
+        .get::<RequestIdValue>()
+        .map(|r| r.0.clone());
     let mut res = next.call(req).await?;
     if let Some(id) = id.and_then(|s| HeaderValue::from_str(&s).ok()) {
         res.headers_mut()
@@ -150,13 +187,31 @@ impl RootSpanBuilder for RootSpan {
             .or_else(|| request.peer_addr().map(|p| p.ip().to_string()))
             .unwrap_or_default();
         let request_id = request
-            .extensions()
-            .get::<RequestId>()
-            .map(|r| r.to_string())
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| valid_request_id(s))
+            .map(str::to_owned)
+            .or_else(|| {
+                request
+                    .extensions()
+                    .get::<RequestId>()
+                    .map(|r| r.to_string())
+            })
             .unwrap_or_default();
+        request
+            .extensions_mut()
+            .insert(RequestIdValue(request_id.clone()));
+        let trace = request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id)
+            .unwrap_or("");
         tracing::info_span!(
             "request",
             request_id = %request_id,
+            trace_id = %trace,
             client_ip = %client,
             method = %request.method(),
             route = tracing::field::Empty,
@@ -170,5 +225,30 @@ impl RootSpanBuilder for RootSpan {
             Err(e) => e.as_response_error().status_code(),
         };
         span.record("status", status.as_u16());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_and_traceparents_are_taken_only_when_sane() {
+        assert!(valid_request_id("3f2a9c1e-req_42"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id(&"a".repeat(129)));
+        assert!(!valid_request_id("evil\nline"));
+        assert!(!valid_request_id("a b"));
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(
+            trace_id("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(
+            trace_id("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(trace_id("garbage"), None);
     }
 }

@@ -9,7 +9,7 @@ mod routes;
 
 use actix_web::error::{JsonPayloadError, QueryPayloadError};
 use actix_web::middleware::DefaultHeaders;
-use actix_web::{HttpRequest, web};
+use actix_web::{HttpRequest, guard, web};
 
 use crate::error::AppError;
 
@@ -65,16 +65,16 @@ pub fn api(cfg: &mut web::ServiceConfig, with_metrics: bool) {
     .service(resource("/v1/signup", "POST").route(web::post().to(routes::signup)))
     .service(resource("/v1/signin", "POST").route(web::post().to(routes::signin)))
     .service(
-        resource("/v1/me", "GET, DELETE")
-            .route(web::get().to(routes::me))
+        resource("/v1/me", "GET, HEAD, DELETE")
+            .route(get().to(routes::me))
             .route(web::delete().to(routes::delete_me)),
     )
     .service(resource("/v1/me/password", "PUT").route(web::put().to(routes::change_password)))
-    .service(resource("/v1/me/group", "GET").route(web::get().to(routes::my_group)))
-    .service(resource("/healthz", "GET").route(web::get().to(routes::healthz)))
-    .service(resource("/readyz", "GET").route(web::get().to(routes::readyz)))
-    .service(resource("/openapi.json", "GET").route(web::get().to(openapi::serve)))
-    .service(resource("/docs", "GET").route(web::get().to(openapi::docs)));
+    .service(resource("/v1/me/group", "GET, HEAD").route(get().to(routes::my_group)))
+    .service(resource("/healthz", "GET, HEAD").route(get().to(routes::healthz)))
+    .service(resource("/readyz", "GET, HEAD").route(get().to(routes::readyz)))
+    .service(resource("/openapi.json", "GET, HEAD").route(get().to(openapi::serve)))
+    .service(resource("/docs", "GET, HEAD").route(get().to(openapi::docs)));
     if with_metrics {
         metrics(cfg);
     }
@@ -83,7 +83,14 @@ pub fn api(cfg: &mut web::ServiceConfig, with_metrics: bool) {
 
 /// `/metrics` alone, for its own listener.
 pub fn metrics(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/metrics", "GET").route(web::get().to(routes::metrics)));
+    cfg.service(resource("/metrics", "GET, HEAD").route(get().to(routes::metrics)));
+}
+
+/// GET, and HEAD with it (RFC 9110 9.3.2): the same handler answers both,
+/// so status and headers agree; actix-http sends no body in answer to HEAD
+/// (it keeps the `Content-Length` the GET would have had).
+fn get() -> actix_web::Route {
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
 }
 
 /// A resource whose other methods get 405 with `Allow` (RFC 9110 15.5.6).

@@ -11,21 +11,29 @@ use super::client::ClientIp;
 use super::problem::Problem;
 use crate::domain::{Signup, UserId};
 use crate::error::AppError;
+use crate::index::health::IndexState;
 use crate::service::Service;
 use crate::signup::Outcome;
 
-/// Request body of `POST /v1/signup`. Documentation only: the handler reads
-/// [`SignupBody`], so that missing fields are reported field by field.
+// Request body of `POST /v1/signup`. Documentation only: the handler reads
+// [`SignupBody`], so that missing fields are reported field by field.
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct SignupRequest {
-    /// 3 to 32 characters of `a-z 0-9 _ . -`, case-insensitive.
-    #[schema(example = "alice")]
+    /// 3 to 32 characters of `a-z 0-9 _ . -`, letters of either case: usernames
+    /// are compared case-insensitively and shown in lower case.
+    #[schema(
+        min_length = 3,
+        max_length = 32,
+        pattern = "^[A-Za-z0-9_.-]{3,32}$",
+        example = "alice"
+    )]
     pub username: String,
-    /// 15 to 128 characters, taken exactly as given.
+    /// 15 to 128 characters, taken exactly as given (no trimming, no
+    /// normalisation). A common or breached password is refused (422).
+    #[schema(min_length = 15, max_length = 128, format = Password)]
     pub password: String,
-    /// Between the match threshold and the maximum, after canonicalisation.
-    #[schema(example = json!(["Software", "Engineer", "Brussels", "Belgium", "Senior"]))]
+    /// Its schema, with this deployment's bounds, is completed in `openapi.rs`.
     pub attributes: Vec<String>,
 }
 
@@ -38,9 +46,28 @@ pub struct SignupBody {
     attributes: Option<Vec<String>>,
 }
 
+// Request headers of `POST /v1/signup`. Documentation only: see
+// [`idempotency_key`].
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct SignupHeaders {
+    /// Optional. The same key with the same body within 24 hours gets the
+    /// original response again (with `Idempotent-Replayed: true`), even if the
+    /// first one was lost; the same key with another body gets 422. 1 to 255
+    /// visible ASCII characters or spaces, bare or as a structured-field
+    /// string (in double quotes); anything else gets 400.
+    #[param(rename = "Idempotency-Key", value_type = String, required = false,
+        min_length = 1, max_length = 257, pattern = "^(?!\"\"$)(?:\"[ -~]{1,255}\"|[ -~]{1,255})$")]
+    idempotency_key: Option<String>,
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct GroupRef {
+    #[schema(minimum = 1)]
     pub id: i64,
+    /// The founder's attributes, fixed for ever.
+    #[schema(schema_with = super::openapi::canonical_attributes)]
     pub attributes: Vec<String>,
     /// True when this signup founded the group.
     pub created: bool,
@@ -48,25 +75,36 @@ pub struct GroupRef {
 
 #[derive(Serialize, ToSchema)]
 pub struct SignupResponse {
+    #[schema(minimum = 1)]
     pub user_id: i64,
+    /// In lower case.
+    #[schema(pattern = "^[a-z0-9_.-]{3,32}$")]
     pub username: String,
+    /// The user's attributes, canonical, merged and sorted.
+    #[schema(schema_with = super::openapi::canonical_attributes)]
     pub attributes: Vec<String>,
     pub group: GroupRef,
+    /// The attributes the user shares with the group (all of the group's
+    /// when this signup founded it).
+    #[schema(schema_with = super::openapi::canonical_attributes)]
     pub shared_attributes: Vec<String>,
 }
 
 #[utoipa::path(
     post, path = "/v1/signup", tag = "users",
     request_body = SignupRequest,
+    params(SignupHeaders),
     responses(
-        (status = 201, description = "Signed up and placed in a group", body = SignupResponse),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Username taken", body = Problem, content_type = "application/problem+json"),
+        (status = 201, description = "Signed up and placed in a group", body = SignupResponse,
+            headers(("Idempotent-Replayed" = String, description = "`true` when this is the stored response to an earlier request with the same Idempotency-Key and body; absent otherwise"))),
+        (status = 400, description = "Malformed JSON body, or a malformed Idempotency-Key", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Username taken (compared case-insensitively)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 16 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Rate limited", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "A backing service is down; nothing was written", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Content-Type is not application/json", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid or missing field(s), each named in `errors` (a common or breached password included), or an Idempotency-Key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many signups from this client address (when the deployment limits them); see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "This replica is configured with another match threshold than the deployment's: signups are refused until an operator fixes it", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A backing service is down; nothing was written, retrying is safe (see Retry-After)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn signup(
@@ -131,17 +169,31 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, AppError> {
     Ok(Some(key.to_owned()))
 }
 
+/// Any string is accepted, but only the constraints below can match an
+/// account: others get 401 like any wrong credentials.
 #[derive(Deserialize, ToSchema)]
 pub struct SigninRequest {
+    /// Case-insensitive.
+    #[schema(
+        min_length = 3,
+        max_length = 32,
+        pattern = "^[A-Za-z0-9_.-]{3,32}$",
+        example = "alice"
+    )]
     pub username: String,
+    #[schema(min_length = 15, max_length = 128, format = Password)]
     pub password: String,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct SigninResponse {
+    /// A JWT, to send as `Authorization: Bearer <access_token>`.
+    #[schema(min_length = 1)]
     pub access_token: String,
-    #[schema(example = "Bearer")]
+    #[schema(schema_with = super::openapi::bearer)]
     pub token_type: String,
+    /// Seconds until the token expires.
+    #[schema(minimum = 1)]
     pub expires_in: u64,
 }
 
@@ -150,8 +202,9 @@ pub struct SigninResponse {
     request_body = SigninRequest,
     responses(
         (status = 200, description = "An access token", body = SigninResponse),
-        (status = 401, description = "Unknown user or wrong password (same body)", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Too many attempts; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unknown user or wrong password (same body, similar time)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many failed attempts for this account; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is down; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn signin(
@@ -172,9 +225,14 @@ pub async fn signin(
 
 #[derive(Serialize, ToSchema)]
 pub struct MeResponse {
+    #[schema(minimum = 1)]
     pub user_id: i64,
+    /// In lower case.
+    #[schema(pattern = "^[a-z0-9_.-]{3,32}$")]
     pub username: String,
+    #[schema(schema_with = super::openapi::canonical_attributes)]
     pub attributes: Vec<String>,
+    #[schema(minimum = 1)]
     pub group_id: i64,
     pub created_at: DateTime<Utc>,
 }
@@ -184,7 +242,8 @@ pub struct MeResponse {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The signed-in user", body = MeResponse),
-        (status = 401, description = "Missing, malformed or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, malformed, expired or revoked token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is down; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn me(
@@ -203,8 +262,12 @@ pub async fn me(
 
 #[derive(Deserialize, ToSchema)]
 pub struct PasswordChange {
+    /// A wrong one gets 401.
+    #[schema(min_length = 15, max_length = 128, format = Password)]
     pub current_password: String,
-    /// 15 to 128 characters, taken exactly as given.
+    /// 15 to 128 characters, taken exactly as given. An invalid one (a common
+    /// or breached password included) gets 422.
+    #[schema(min_length = 15, max_length = 128, format = Password)]
     pub new_password: String,
 }
 
@@ -214,11 +277,9 @@ pub struct PasswordChange {
     request_body = PasswordChange,
     responses(
         (status = 204, description = "Changed; every token issued before is revoked"),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Wrong current password, or a missing, malformed, expired or revoked token", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid new password", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "A backing service is down; nothing was changed", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid new password, or a missing or mistyped field", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is down; nothing was changed (see Retry-After)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn change_password(
@@ -235,6 +296,8 @@ pub async fn change_password(
 
 #[derive(Deserialize, ToSchema)]
 pub struct AccountDeletion {
+    /// The account's password; a wrong one gets 401.
+    #[schema(min_length = 15, max_length = 128, format = Password)]
     pub password: String,
 }
 
@@ -244,10 +307,8 @@ pub struct AccountDeletion {
     request_body = AccountDeletion,
     responses(
         (status = 204, description = "Deleted: gone from member lists and counts, every token revoked; the group stays"),
-        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Wrong password, or a missing, malformed, expired or revoked token", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "A backing service is down; nothing was changed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is down; nothing was changed (see Retry-After)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn delete_me(
@@ -261,36 +322,56 @@ pub async fn delete_me(
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// Read as strings, so that a bad value is a 400 that says which, not a
+/// generic query error.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct GroupQuery {
-    /// Members per page, 1 to 500 (default 50).
+    /// Members per page.
+    #[param(value_type = u32, required = false, minimum = 1, maximum = 500, default = 50)]
     limit: Option<String>,
-    /// `next_cursor` of the previous page.
+    /// Opaque: the `next_cursor` of the previous page, unchanged. Anything
+    /// else gets 400.
+    #[param(value_type = String, required = false, min_length = 1)]
     cursor: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct GroupDetail {
+    #[schema(minimum = 1)]
     pub id: i64,
+    /// The founder's attributes, fixed for ever.
+    #[schema(schema_with = super::openapi::canonical_attributes)]
     pub attributes: Vec<String>,
+    /// Current members (deleted accounts are not counted). The caller is one,
+    /// unless its account is deleted while this request runs.
+    #[schema(minimum = 0)]
     pub member_count: i64,
     pub created_at: DateTime<Utc>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct MemberView {
+    #[schema(minimum = 1)]
     pub user_id: i64,
+    /// In lower case.
+    #[schema(pattern = "^[a-z0-9_.-]{3,32}$")]
     pub username: String,
+    #[schema(schema_with = super::openapi::canonical_attributes)]
     pub attributes: Vec<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct GroupResponse {
     pub group: GroupDetail,
+    /// The attributes the caller shares with the group.
+    #[schema(schema_with = super::openapi::canonical_attributes)]
     pub shared_attributes: Vec<String>,
-    /// Members in the order they joined.
+    /// All members, the caller included, in the order they joined (the
+    /// founder first), at most `limit` of them.
     pub members: Vec<MemberView>,
-    /// Opaque; null on the last page.
+    /// Opaque; pass it as `cursor` for the next page. Null on the last page.
+    #[schema(required = true, min_length = 1)]
     pub next_cursor: Option<String>,
 }
 
@@ -314,8 +395,9 @@ fn decode_cursor(s: &str) -> Option<UserId> {
     params(GroupQuery),
     responses(
         (status = 200, description = "The caller's group and its members", body = GroupResponse),
-        (status = 400, description = "Bad limit or cursor", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, malformed or expired token", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Bad `limit` or `cursor`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, malformed, expired or revoked token", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is down; see Retry-After", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn my_group(
@@ -362,16 +444,61 @@ pub async fn my_group(
     }))
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    status: HealthStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum HealthStatus {
+    Ok,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    status: ReadyStatus,
+    /// The group index: `ready`, `rebuilding` (signups are decided from the
+    /// database meanwhile) or `unreachable` (likewise).
+    index: IndexStatus,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum ReadyStatus {
+    Ready,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum IndexStatus {
+    Ready,
+    Rebuilding,
+    Unreachable,
+}
+
+impl From<IndexState> for IndexStatus {
+    fn from(s: IndexState) -> Self {
+        match s {
+            IndexState::Ready => IndexStatus::Ready,
+            IndexState::Rebuilding => IndexStatus::Rebuilding,
+            IndexState::Unreachable => IndexStatus::Unreachable,
+        }
+    }
+}
+
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "The process is running")))]
+    responses((status = 200, description = "The process is running", body = Health)))]
 pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+    HttpResponse::Ok().json(Health {
+        status: HealthStatus::Ok,
+    })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "The database is reachable: every endpoint is served. The body gives the group index's state (ready, rebuilding, unreachable): while it is not ready, signups are decided from the database"),
-        (status = 503, description = "Not ready, with the reason", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The database is reachable: every endpoint is served. The body gives the group index's state: while it is not ready, signups are decided from the database", body = Readiness),
+        (status = 503, description = "Not ready (the database is unreachable), with the reason", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn readyz(service: web::Data<Service>) -> Result<HttpResponse, AppError> {
     if let Err(e) = service.store.ping().await {
@@ -383,10 +510,16 @@ pub async fn readyz(service: web::Data<Service>) -> Result<HttpResponse, AppErro
     service
         .metrics
         .index_ready
-        .set(i64::from(state == crate::index::health::IndexState::Ready));
-    Ok(HttpResponse::Ok().json(serde_json::json!({"status": "ready", "index": state.as_str()})))
+        .set(i64::from(state == IndexState::Ready));
+    Ok(HttpResponse::Ok().json(Readiness {
+        status: ReadyStatus::Ready,
+        index: state.into(),
+    }))
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    description = "On this listener unless `COHORT_METRICS_LISTEN` gives it one of its own (then this path is 404 here).",
+    responses((status = 200, description = "Prometheus metrics", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8")))]
 pub async fn metrics(service: web::Data<Service>) -> HttpResponse {
     let pool = service.store.pool_stats();
     service.metrics.db_pool_size.set(pool.size as i64);

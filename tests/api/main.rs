@@ -12,6 +12,8 @@ mod faults;
 mod group;
 mod import;
 mod index;
+mod methods;
+mod openapi;
 mod ops;
 mod properties;
 mod restart;

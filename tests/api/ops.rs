@@ -49,7 +49,7 @@ both_modes!(
         assert_eq!(res.headers()["allow"], "POST");
         assert_problem(res, 405).await;
         let res = app.http.post(app.url("/v1/me")).send().await.unwrap();
-        assert_eq!(res.headers()["allow"], "GET, DELETE");
+        assert_eq!(res.headers()["allow"], "GET, HEAD, DELETE");
         assert_problem(res, 405).await;
     }
 );
@@ -96,6 +96,18 @@ async fn metrics_on_their_own_listener() {
         .await
         .unwrap();
     assert!(text.contains("cohort_build_info"));
+    // The commit it was built from, and the process's own metrics.
+    assert!(
+        text.contains(&format!("commit=\"{}\"", env!("COHORT_GIT_COMMIT"))),
+        "{text}"
+    );
+    for m in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ] {
+        assert!(text.contains(m), "no {m} in /metrics");
+    }
 }
 
 #[test]

@@ -184,6 +184,25 @@ async fn passwords_and_tokens_never_reach_the_logs() {
         .await
         .unwrap();
     assert_eq!(me.status().as_u16(), 200);
+    // A caller's own request id is honoured; a client error is logged once,
+    // at INFO, in the access-log line.
+    let res = http
+        .get(format!("{base}/v1/me"))
+        .header("x-request-id", "client-chosen-id-123")
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 401);
+    assert_eq!(res.headers()["x-request-id"], "client-chosen-id-123");
+    // An oversized one is not.
+    let res = http
+        .get(format!("{base}/healthz"))
+        .header("x-request-id", "a".repeat(300))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.headers()["x-request-id"], "a".repeat(300).as_str());
     signal(&mut p, "-TERM");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(canary), "the password was logged");
@@ -196,4 +215,22 @@ async fn passwords_and_tokens_never_reach_the_logs() {
             .all(|l| serde_json::from_str::<Value>(l).is_ok())
     );
     assert!(text.contains(&request_id));
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &Value| l["span"]["request_id"] == "client-chosen-id-123")
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let access = &lines[0];
+    assert_eq!(access["level"], "INFO", "{access}");
+    assert_eq!(access["fields"]["status"], 401, "{access}");
+    assert_eq!(access["fields"]["route"], "/v1/me", "{access}");
+    assert!(
+        access["fields"]["duration_ms"].as_f64().is_some(),
+        "{access}"
+    );
+    assert!(
+        !text.contains("\"level\":\"WARN\""),
+        "a client error was logged at WARN"
+    );
 }
