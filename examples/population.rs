@@ -26,7 +26,11 @@ fn main() {
         match a.as_str() {
             "--passwords" => passwords = true,
             "--seed" => seed = args.next().and_then(|s| s.parse().ok()).expect("--seed N"),
-            s => n = s.parse().expect("usage: population N [--passwords] [--seed S]"),
+            s => {
+                n = s
+                    .parse()
+                    .expect("usage: population N [--passwords] [--seed S]")
+            }
         }
     }
     let password = "tangerine orbit velvet population";

@@ -13,7 +13,9 @@ use sha2::{Digest, Sha256};
 
 use crate::auth::{ARGON2_M_KIB, ARGON2_P, ARGON2_T};
 use crate::domain::grouping::subset_keys;
-use crate::domain::{AttributeRules, AttributeSet, Password, Signup, Threshold, Username};
+use crate::domain::{
+    AttributeRules, AttributeSet, FieldError, Password, Signup, Threshold, Username,
+};
 
 /// Longest line accepted: the signup endpoint's body limit.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
@@ -149,16 +151,41 @@ pub fn parse(line: u64, bytes: &[u8], rules: &Rules) -> Result<Entry, Reject> {
             (s.username, s.attributes, Credential::Password(s.password))
         }
         (None, Some(h)) => {
-            // Validate the other fields as a signup does, with a stand-in
-            // password that passes; then the hash itself.
-            let stand_in = "stand-in password never stored, only validated".to_owned();
-            let s = credential_and(Some(stand_in));
+            // The signup's validation of the other fields (not the password
+            // check: there is no password), then the hash itself.
+            let mut errs = Vec::new();
+            let username = match raw.username.as_deref().map(Username::parse) {
+                None => {
+                    errs.push(FieldError::new("username", "is required"));
+                    None
+                }
+                Some(Err(m)) => {
+                    errs.push(FieldError::new("username", m));
+                    None
+                }
+                Some(Ok(u)) => Some(u),
+            };
+            let attributes = match raw
+                .attributes
+                .as_deref()
+                .map(|a| AttributeSet::parse(a, rules.attributes))
+            {
+                None => {
+                    errs.push(FieldError::new("attributes", "is required"));
+                    None
+                }
+                Some(Err(e)) => {
+                    errs.extend(e);
+                    None
+                }
+                Some(Ok(a)) => Some(a),
+            };
             let phc = check_phc(&h);
-            match (s, phc) {
-                (Ok(s), Ok(())) => (s.username, s.attributes, Credential::Hash(h)),
-                (s, phc) => {
+            match (username, attributes, phc) {
+                (Some(u), Some(a), Ok(())) => (u, a, Credential::Hash(h)),
+                (_, _, phc) => {
                     let mut reasons = Vec::new();
-                    if let Err(errs) = s {
+                    if !errs.is_empty() {
                         reasons.push(fields(&errs));
                     }
                     if let Err(e) = phc {
@@ -181,7 +208,7 @@ pub fn parse(line: u64, bytes: &[u8], rules: &Rules) -> Result<Entry, Reject> {
     })
 }
 
-fn fields(errs: &[crate::domain::FieldError]) -> String {
+fn fields(errs: &[FieldError]) -> String {
     errs.iter()
         .map(|e| format!("{}: {}", e.field, e.message))
         .collect::<Vec<_>>()
