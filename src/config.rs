@@ -63,6 +63,35 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Sign up every user of a JSON Lines file (`-`: standard input), with
+    /// the groups one-at-a-time signups in file order would give, beside
+    /// live signups. Resumable: run it again to import what is left. Exit 0
+    /// all imported, 1 some lines rejected, 2 could not run.
+    Import {
+        /// The file: one JSON object a line, {"username", "attributes", and
+        /// "password" or "password_hash" (argon2id PHC)}.
+        file: PathBuf,
+        /// Where to list rejected lines (line number and reason).
+        #[arg(long, default_value = None, help = "Reject file [default: FILE.rejects.jsonl]")]
+        rejects: Option<PathBuf>,
+        /// Lines decided and committed together.
+        #[arg(long, default_value_t = 2_000)]
+        batch: usize,
+        /// Print the summary as JSON (no progress bar).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Users, groups, the distribution of group sizes and the commonest
+    /// attributes.
+    Stats {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

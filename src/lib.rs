@@ -7,6 +7,7 @@
 //! - `auth`: password hashing and tokens;
 //! - `signup`: the signup protocol, its steps and failure analysis;
 //! - `service`: the use cases behind the API;
+//! - `import`: `cohort import`, many signups in batches; `stats`: `cohort stats`;
 //! - `http`: the API; `config`, `telemetry`, `startup`: wiring.
 
 pub mod auth;
@@ -15,6 +16,7 @@ pub mod domain;
 pub mod error;
 pub mod failpoint;
 pub mod http;
+pub mod import;
 pub mod index;
 pub mod ratelimit;
 pub mod service;

@@ -36,6 +36,8 @@ async fn main() -> ExitCode {
         Command::Reindex { settings, .. } => ("reindex", settings),
         Command::Verify { settings } => ("verify", settings),
         Command::SetThreshold { settings, .. } => ("set-threshold", settings),
+        Command::Import { settings, .. } => ("import", settings),
+        Command::Stats { settings, .. } => ("stats", settings),
     };
     let config = match settings.clone().validate() {
         Ok(c) => c,
@@ -51,14 +53,27 @@ async fn main() -> ExitCode {
         Command::Reindex { from_scratch, .. } => reindex(config, from_scratch).await,
         Command::Verify { .. } => verify(config).await,
         Command::SetThreshold { threshold, .. } => set_threshold(config, threshold).await,
+        Command::Import {
+            file,
+            rejects,
+            batch,
+            json,
+            ..
+        } => import(config, file, rejects, batch, json).await,
+        Command::Stats { json, .. } => stats(config, json).await,
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "cohort {name} failed");
             eprintln!("cohort: {e:#}");
-            // `verify` promises 2 for "could not run"; the others use 1.
-            ExitCode::from(if name == "verify" { 2 } else { 1 })
+            // `verify`, `import` and `stats` promise 2 for "could not run";
+            // the others use 1.
+            ExitCode::from(if matches!(name, "verify" | "import" | "stats") {
+                2
+            } else {
+                1
+            })
         }
     }
 }
@@ -222,6 +237,33 @@ async fn verify(config: Config) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::FAILURE)
     }
+}
+
+async fn import(
+    config: Config,
+    file: std::path::PathBuf,
+    rejects: Option<std::path::PathBuf>,
+    batch: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let opts = cohort::import::Options {
+        file,
+        rejects,
+        batch,
+        json,
+    };
+    let summary = cohort::import::run(config, opts).await?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{}", summary.human());
+    }
+    Ok(ExitCode::from(if summary.rejected == 0 { 0 } else { 1 }))
+}
+
+async fn stats(config: Config, json: bool) -> anyhow::Result<ExitCode> {
+    let _ = (config, json);
+    anyhow::bail!("not yet")
 }
 
 /// A progress bar on a terminal, plain log lines otherwise.

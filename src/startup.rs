@@ -39,6 +39,9 @@ pub struct Backends {
     pub jwt_secret: Vec<u8>,
     /// Embedded mode: the data directory's lock, held for the process's life.
     pub data_lock: Option<fs::File>,
+    /// Embedded mode: the store and the in-process index themselves (for
+    /// `cohort import`, which writes in batches beside the protocol).
+    pub embedded: Option<(Arc<SqliteStore>, Arc<MemoryIndex>)>,
 }
 
 /// How long one index call may take before the signup decides from the
@@ -134,6 +137,7 @@ pub async fn distributed(
         limiter: Arc::new(RedisLimiter::new(limiter, &config.settings.redis_prefix)),
         jwt_secret: jwt_secret.clone(),
         data_lock: None,
+        embedded: None,
     })
 }
 
@@ -188,8 +192,10 @@ pub async fn embedded(config: &Config, metrics: &Metrics) -> anyhow::Result<Back
         groups = index.len(),
         "embedded mode: data in a local SQLite file, group index in process"
     );
+    let parts = (store.clone(), index.clone());
     let store: Arc<dyn Store> = store;
     Ok(Backends {
+        embedded: Some(parts),
         protocol: SignupProtocol::embedded(store.clone(), index, &jwt_secret)
             .count_decisions(metrics.decisions.clone()),
         store,

@@ -1,6 +1,7 @@
 //! The system of record: users and groups, behind one trait with a Postgres
 //! implementation (distributed mode) and an embedded one.
 
+pub mod import;
 pub mod postgres;
 pub mod sqlite;
 

@@ -891,3 +891,6 @@ impl IndexSource for PgStore {
         Ok(Some(SyncLock(Box::new(conn))))
     }
 }
+
+#[path = "postgres_import.rs"]
+pub mod import;

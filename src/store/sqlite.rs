@@ -620,3 +620,6 @@ impl Store for SqliteStore {
         }
     }
 }
+
+#[path = "sqlite_import.rs"]
+pub mod import;

@@ -10,6 +10,7 @@ mod concurrency;
 mod failures;
 mod faults;
 mod group;
+mod import;
 mod index;
 mod methods;
 mod openapi;

@@ -1,0 +1,674 @@
+//! `cohort import FILE`: signs up every user of a JSON Lines file, with the
+//! groups that signing them up one at a time, in file order, would give,
+//! while live signups go on (an import is many signups; the invariant is
+//! the one of `crate::signup`).
+//!
+//! # Pipeline
+//! A reader streams the file in chunks of `--batch` lines (memory is
+//! bounded by a few chunks); they are validated on every core (`line`:
+//! the signup's own validation and canonicalisation, the common-password
+//! check for new passwords, argon2id parameters for hashes); names already
+//! present are sorted out; new passwords are hashed on every core; then the
+//! chunk is placed and committed as one batch, in file order.
+//!
+//! # A batch's steps (distributed mode)
+//! The session holds, for its whole life, the sync advisory lock on a
+//! connection of its own: no replica syncs the index meanwhile (they decide
+//! from Postgres whenever they find it dirty), and no other import runs.
+//! 1. Sort out: lines whose username exists. With an import record of the
+//!    same fingerprint, the line was imported before: *already imported*,
+//!    skipped. Otherwise the name is taken: a reject. *Reads only.*
+//! 2. Open the transaction: the deployment row `FOR KEY SHARE` (the
+//!    threshold), then `LOCK TABLE group_subsets IN SHARE ROW EXCLUSIVE`:
+//!    foundings in flight commit first, new ones wait until we end; joins
+//!    go on.
+//! 3. Decide (`place`), in file order: each line against the committed
+//!    owners of the batch's t-subsets, read now (every group it could join;
+//!    none can appear until we commit), and the groups of the lines before
+//!    it in the batch. *Reads only.*
+//! 4. Write and commit: the groups (ids from the sequence, ascending in
+//!    file order, `indexed` false), their subsets (the primary key still
+//!    arbitrates), the users in file order, the import records, and
+//!    `index_dirty + 1`: from our commit on, no replica commits a join
+//!    decided in Redis (it decides again from Postgres, which has our
+//!    groups). A taken username (a live signup got it after step 1) or a
+//!    taken subset: roll back, back to 1.
+//! 5. Publish: add the batch's groups to Redis in id order, and the
+//!    committed groups it joined (a founder may not have added its own
+//!    yet); mark them indexed; if the Redis server is the one the last sync
+//!    recorded and nothing else marked the index dirty since, lift our mark
+//!    (`index_clean = mark`, conditionally).
+//!
+//! # Why the order is the one-at-a-time order
+//! Take the batch's point to be its commit: every decision in it is exact
+//! for the groups committed then (no founding can commit between step 2
+//! and 4) plus the batch's earlier lines. From that point every decision
+//! that sees the batch's groups is made in Postgres, or in Redis once they
+//! are all there (the mark is lifted only then). A group the batch joined
+//! whose founder has not added it yet has its point at our commit at the
+//! latest: any decision after it comes from Postgres until we added it.
+//!
+//! # What each failure leaves (SIGKILL included)
+//! - in 1 to 3, or 4 before the commit: the transaction rolls back (the
+//!   connection closes with the process); nothing of the batch anywhere;
+//!   the lock goes with the session.
+//! - after 4, before 5 finishes: a committed batch and the index marked
+//!   dirty: replicas decide from Postgres, and once the lock is gone one of
+//!   them syncs (it adds the unindexed groups, or re-adds all if Redis lacks
+//!   any) and lifts the mark.
+//! - in 5 (Redis down): the same; the import goes on, its later marks are
+//!   not lifted, and the index is synced once the import ends.
+//! - running it again: committed batches are found by their import records
+//!   (step 1: already imported), so nothing is imported twice, and the
+//!   rest goes through the same steps.
+//!
+//! # Embedded mode
+//! The data directory's lock keeps every other process out (stop the
+//! server first), so the batch decides against the in-process index of all
+//! groups and commits in one SQLite transaction; nothing is marked, and the
+//! index learns the batch's groups after the commit.
+
+pub mod line;
+pub mod place;
+pub mod report;
+
+use std::collections::HashMap;
+use std::io::{BufRead, Read};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::auth::PasswordHasher;
+use crate::config::{Config, Mode};
+use crate::domain::{AttributeSet, GroupId, Threshold};
+use crate::index::IndexError;
+use crate::index::memory::MemoryIndex;
+use crate::index::redis::RedisIndex;
+use crate::store::StoreError;
+use crate::store::import::{ImportPlacement, ImportSession, ImportUser};
+use line::{Credential, Entry, Reject, Rules};
+use report::{Progress, Rejects, Summary};
+
+/// Decide-and-commit rounds for one batch before giving up: each retry
+/// follows a username a live signup took meanwhile (now sorted out).
+const MAX_ROUNDS: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The file, or `-` for standard input.
+    pub file: PathBuf,
+    /// Where to list rejected lines (default: FILE.rejects.jsonl, or
+    /// import.rejects.jsonl for standard input).
+    pub rejects: Option<PathBuf>,
+    /// Lines per batch.
+    pub batch: usize,
+    /// The summary as JSON on standard output; no progress bar.
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write the reject file {path}: {source}")]
+    Rejects {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("group index: {0}")]
+    Index(#[from] IndexError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Where batches are decided and committed.
+enum Backend {
+    Distributed {
+        session: Box<crate::store::postgres::import::PgImportSession>,
+        redis: Box<RedisIndex>,
+    },
+    Embedded {
+        session: crate::store::sqlite::import::SqliteImportSession,
+        index: Arc<MemoryIndex>,
+        _lock: std::fs::File,
+    },
+}
+
+impl Backend {
+    fn session(&mut self) -> &mut dyn ImportSession {
+        match self {
+            Backend::Distributed { session, .. } => session.as_mut(),
+            Backend::Embedded { session, .. } => session,
+        }
+    }
+}
+
+/// Runs an import to its end; the summary says what became of every line.
+pub async fn run(config: Config, opts: Options) -> Result<Summary, ImportError> {
+    let started = Instant::now();
+    let t = config.threshold;
+    let (reader, total, shown): (Box<dyn Read + Send>, Option<u64>, String) =
+        if opts.file.as_os_str() == "-" {
+            (Box::new(std::io::stdin()), None, "standard input".into())
+        } else {
+            let f = std::fs::File::open(&opts.file).map_err(|e| ImportError::Read {
+                path: opts.file.display().to_string(),
+                source: e,
+            })?;
+            let len = f.metadata().ok().map(|m| m.len());
+            (Box::new(f), len, opts.file.display().to_string())
+        };
+    let rejects_path = opts.rejects.clone().unwrap_or_else(|| {
+        if opts.file.as_os_str() == "-" {
+            PathBuf::from("import.rejects.jsonl")
+        } else {
+            let mut p = opts.file.clone().into_os_string();
+            p.push(".rejects.jsonl");
+            PathBuf::from(p)
+        }
+    });
+    let mut rejects = Rejects::create(&rejects_path).map_err(|e| ImportError::Rejects {
+        path: rejects_path.display().to_string(),
+        source: e,
+    })?;
+    let (mut backend, secret) = connect(&config).await?;
+    let rules = Rules {
+        attributes: config.rules,
+        threshold: t,
+        fingerprinter: line::Fingerprinter::new(&secret),
+    };
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let hasher = PasswordHasher::new(cores, Arc::new(|_| {}));
+
+    // The reader and the validation run ahead of the batches by a chunk.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Chunk, ImportError>>(2);
+    let batch = opts.batch.max(1);
+    let reading = tokio::task::spawn_blocking(move || read_chunks(reader, batch, shown, tx));
+    let (vtx, mut vrx) = tokio::sync::mpsc::channel::<Result<Validated, ImportError>>(1);
+    let validating = tokio::spawn(async move {
+        while let Some(chunk) = rx.recv().await {
+            let v = match chunk {
+                Ok(c) => Ok(validate(c, &rules, cores).await),
+                Err(e) => Err(e),
+            };
+            if vtx.send(v).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let mut summary = Summary {
+        rejects_file: Some(rejects_path.clone()),
+        ..Summary::default()
+    };
+    let mut progress = Progress::new(total, opts.json);
+    let result = async {
+        while let Some(v) = vrx.recv().await {
+            let v = v?;
+            summary.lines += v.lines;
+            let mut rejected = v.rejects;
+            import_chunk(
+                &mut backend,
+                t,
+                &hasher,
+                v.entries,
+                &mut summary,
+                &mut rejected,
+            )
+            .await?;
+            rejected.sort_by_key(|r| r.line);
+            summary.rejected += rejected.len() as u64;
+            for r in &rejected {
+                rejects.write(r).map_err(|e| ImportError::Rejects {
+                    path: rejects_path.display().to_string(),
+                    source: e,
+                })?;
+            }
+            rejects.flush().map_err(|e| ImportError::Rejects {
+                path: rejects_path.display().to_string(),
+                source: e,
+            })?;
+            progress.update(v.bytes, &summary);
+        }
+        Ok::<(), ImportError>(())
+    }
+    .await;
+    progress.finish();
+    drop(vrx);
+    validating.abort();
+    let _ = reading.await;
+    result?;
+    if summary.rejected == 0 {
+        let _ = std::fs::remove_file(&rejects_path);
+        summary.rejects_file = None;
+    }
+    summary.finish(started.elapsed());
+    Ok(summary)
+}
+
+async fn connect(config: &Config) -> Result<(Backend, Vec<u8>), ImportError> {
+    let setup = |e: String| ImportError::Setup(e);
+    match &config.mode {
+        Mode::Distributed {
+            database_url,
+            redis_url,
+            jwt_secret,
+        } => {
+            let ca = config.settings.tls_ca_file.as_deref();
+            let store = crate::store::postgres::PgStore::connect_with(
+                database_url,
+                ca,
+                2,
+                config.threshold,
+            )
+            .map_err(setup)?;
+            store.migrate().await.map_err(setup)?;
+            let deployed = crate::store::Store::ensure_deployment(&store, config.threshold).await?;
+            if deployed != config.threshold.get() {
+                return Err(setup(format!(
+                    "the deployment's threshold is {deployed}, not {}: run with COHORT_MATCH_THRESHOLD={deployed}",
+                    config.threshold.get()
+                )));
+            }
+            let client = crate::tls::redis(redis_url, ca).map_err(setup)?;
+            let conn = crate::index::redis::conn::RedisConn::with_client(
+                client,
+                std::time::Duration::from_secs(10),
+            );
+            let redis = RedisIndex::new(
+                Arc::new(conn),
+                &config.settings.redis_prefix,
+                config.threshold,
+            );
+            let session = store.import_session().await?;
+            Ok((
+                Backend::Distributed {
+                    session: Box::new(session),
+                    redis: Box::new(redis),
+                },
+                jwt_secret.clone(),
+            ))
+        }
+        Mode::Embedded { .. } => {
+            let b = crate::startup::embedded(config, &crate::telemetry::Metrics::new())
+                .await
+                .map_err(|e| setup(format!("{e:#}")))?;
+            let (store, index) = b.embedded.expect("embedded backends");
+            let deployed =
+                crate::store::Store::ensure_deployment(store.as_ref(), config.threshold).await?;
+            if deployed != config.threshold.get() {
+                return Err(setup(format!(
+                    "this data directory was built with threshold {deployed}, not {}",
+                    config.threshold.get()
+                )));
+            }
+            let session = store.import_session().await?;
+            Ok((
+                Backend::Embedded {
+                    session,
+                    index,
+                    _lock: b.data_lock.expect("embedded mode holds the lock"),
+                },
+                b.jwt_secret,
+            ))
+        }
+    }
+}
+
+/// Lines as read: number, bytes (cut after the limit), and the file
+/// position after the chunk.
+struct Chunk {
+    lines: Vec<(u64, Vec<u8>)>,
+    bytes: u64,
+}
+
+struct Validated {
+    lines: u64,
+    entries: Vec<Entry>,
+    rejects: Vec<Reject>,
+    bytes: u64,
+}
+
+/// Streams `reader` in chunks of `batch` non-blank lines. A line longer
+/// than the limit is kept cut just past it (the validation rejects it).
+fn read_chunks(
+    reader: Box<dyn Read + Send>,
+    batch: usize,
+    shown: String,
+    tx: tokio::sync::mpsc::Sender<Result<Chunk, ImportError>>,
+) {
+    let mut r = std::io::BufReader::with_capacity(1 << 20, reader);
+    let mut n: u64 = 0;
+    let mut bytes: u64 = 0;
+    let mut lines = Vec::with_capacity(batch);
+    loop {
+        let mut buf = Vec::new();
+        let read = match read_line_bounded(&mut r, &mut buf, line::MAX_LINE_BYTES + 1) {
+            Ok(read) => read,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(ImportError::Read {
+                    path: shown,
+                    source: e,
+                }));
+                return;
+            }
+        };
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        bytes += read as u64;
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        }
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        lines.push((n, buf));
+        if lines.len() >= batch {
+            let chunk = Chunk {
+                lines: std::mem::replace(&mut lines, Vec::with_capacity(batch)),
+                bytes,
+            };
+            if tx.blocking_send(Ok(chunk)).is_err() {
+                return;
+            }
+        }
+    }
+    if !lines.is_empty() {
+        let _ = tx.blocking_send(Ok(Chunk { lines, bytes }));
+    }
+}
+
+/// Reads one line into `buf`, keeping at most `keep` bytes of it (the rest
+/// is consumed). Returns the bytes consumed, 0 at the end.
+fn read_line_bounded(
+    r: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    keep: usize,
+) -> std::io::Result<usize> {
+    let mut consumed = 0;
+    loop {
+        let avail = r.fill_buf()?;
+        if avail.is_empty() {
+            return Ok(consumed);
+        }
+        let (take, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (avail.len(), false),
+        };
+        let room = keep.saturating_sub(buf.len());
+        buf.extend_from_slice(&avail[..take.min(room)]);
+        r.consume(take);
+        consumed += take;
+        if done {
+            return Ok(consumed);
+        }
+    }
+}
+
+/// Validates a chunk on `cores` threads.
+async fn validate(chunk: Chunk, rules: &Rules, cores: usize) -> Validated {
+    let total = chunk.lines.len() as u64;
+    let per = chunk.lines.len().div_ceil(cores.max(1)).max(1);
+    let mut parts = Vec::new();
+    let mut lines = chunk.lines;
+    while !lines.is_empty() {
+        let rest = lines.split_off(per.min(lines.len()));
+        let part = std::mem::replace(&mut lines, rest);
+        let rules = rules.clone();
+        parts.push(tokio::task::spawn_blocking(move || {
+            part.into_iter()
+                .map(|(n, b)| line::parse(n, &b, &rules))
+                .collect::<Vec<_>>()
+        }));
+    }
+    let mut entries = Vec::new();
+    let mut rejects = Vec::new();
+    for p in parts {
+        for r in p.await.expect("validation does not panic") {
+            match r {
+                Ok(e) => entries.push(e),
+                Err(r) => rejects.push(r),
+            }
+        }
+    }
+    Validated {
+        lines: total,
+        entries,
+        rejects,
+        bytes: chunk.bytes,
+    }
+}
+
+/// Sorts out the entries whose username is taken or already imported.
+async fn sort_out(
+    session: &mut dyn ImportSession,
+    entries: Vec<Entry>,
+    summary: &mut Summary,
+    rejected: &mut Vec<Reject>,
+) -> Result<Vec<Entry>, ImportError> {
+    let names: Vec<String> = entries
+        .iter()
+        .map(|e| e.username.as_str().to_owned())
+        .collect();
+    let existing = session.existing(&names).await?;
+    // The first line with a name takes it within the chunk.
+    let mut first: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
+    let mut keep = Vec::with_capacity(entries.len());
+    for e in entries {
+        let name = e.username.as_str();
+        if let Some(x) = existing.get(name) {
+            if x.record.as_deref() == Some(&e.fingerprint[..]) {
+                summary.already_imported += 1;
+            } else {
+                rejected.push(Reject {
+                    line: e.line,
+                    username: Some(name.to_owned()),
+                    reason: "username is taken".into(),
+                });
+            }
+            continue;
+        }
+        if let Some((line, fp)) = first.get(name) {
+            if *fp == e.fingerprint {
+                summary.already_imported += 1;
+            } else {
+                rejected.push(Reject {
+                    line: e.line,
+                    username: Some(name.to_owned()),
+                    reason: format!("username is taken (by line {line})"),
+                });
+            }
+            continue;
+        }
+        first.insert(name.to_owned(), (e.line, e.fingerprint.clone()));
+        keep.push(e);
+    }
+    Ok(keep)
+}
+
+async fn import_chunk(
+    backend: &mut Backend,
+    t: Threshold,
+    hasher: &PasswordHasher,
+    entries: Vec<Entry>,
+    summary: &mut Summary,
+    rejected: &mut Vec<Reject>,
+) -> Result<(), ImportError> {
+    let mut entries = sort_out(backend.session(), entries, summary, rejected).await?;
+    // Hash the new passwords on every core (the hasher bounds concurrency).
+    let hashes = futures_util::future::join_all(entries.iter().map(|e| async {
+        match &e.credential {
+            Credential::Password(p) => hasher.hash(p).await,
+            Credential::Hash(h) => h.clone(),
+        }
+    }))
+    .await;
+    let mut users: Vec<ImportUser> = entries
+        .iter()
+        .zip(hashes)
+        .map(|(e, h)| ImportUser {
+            username: e.username.clone(),
+            password_hash: h,
+            attributes: e.attributes.clone(),
+            fingerprint: e.fingerprint.clone(),
+            keys: e.keys.clone(),
+            placement: ImportPlacement::Found,
+        })
+        .collect();
+    for round in 0.. {
+        if users.is_empty() {
+            return Ok(());
+        }
+        if round == MAX_ROUNDS {
+            return Err(ImportError::Setup(format!(
+                "no batch committed after {MAX_ROUNDS} rounds (lines {}..)",
+                entries[0].line
+            )));
+        }
+        match place_and_commit(backend, t, &mut users).await {
+            Ok(()) => {
+                for u in &users {
+                    summary.imported += 1;
+                    if u.placement == ImportPlacement::Found {
+                        summary.founded += 1;
+                    } else {
+                        summary.joined += 1;
+                    }
+                }
+                return Ok(());
+            }
+            Err(ImportError::Store(StoreError::UsernameTaken)) => {
+                // A live signup took a name since step 1: sort again.
+                let kept = sort_out(backend.session(), entries.clone(), summary, rejected).await?;
+                let names: std::collections::HashSet<String> = kept
+                    .iter()
+                    .map(|e| e.username.as_str().to_owned())
+                    .collect();
+                users.retain(|u| names.contains(u.username.as_str()));
+                entries = kept;
+            }
+            Err(ImportError::Store(StoreError::Overlap)) => {
+                tracing::debug!("a committed group overlaps the batch: deciding again");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Steps 2 to 5 for one batch.
+async fn place_and_commit(
+    backend: &mut Backend,
+    t: Threshold,
+    users: &mut [ImportUser],
+) -> Result<(), ImportError> {
+    let session = backend.session();
+    session.begin().await?;
+    let outcome = async {
+        let owners = match backend {
+            Backend::Distributed { session, .. } => {
+                let keys: Vec<&[u8]> = users
+                    .iter()
+                    .flat_map(|u| u.keys.iter().map(|k| &k[..]))
+                    .collect();
+                Some(place::OwnersOf::new(t, session.owners(&keys).await?))
+            }
+            Backend::Embedded { .. } => None,
+        };
+        let committed: &dyn place::Committed = match (&owners, &*backend) {
+            (Some(o), _) => o,
+            (None, Backend::Embedded { index, .. }) => index.as_ref(),
+            (None, Backend::Distributed { .. }) => unreachable!("owners read above"),
+        };
+        let placed = place::decide(
+            t,
+            committed,
+            users.iter().map(|u| (&u.attributes, &u.keys[..])),
+        );
+        for (u, p) in users.iter_mut().zip(placed) {
+            u.placement = p;
+        }
+        crate::failpoint::hit("import:decided");
+        let written = backend.session().write(users).await?;
+        crate::failpoint::hit("import:written");
+        backend.session().commit().await?;
+        crate::failpoint::hit("import:committed");
+        Ok::<_, ImportError>((written, owners))
+    }
+    .await;
+    let (written, owners) = match outcome {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = backend.session().rollback().await;
+            return Err(e);
+        }
+    };
+    let founded: Vec<(GroupId, AttributeSet)> = users
+        .iter()
+        .filter(|u| u.placement == ImportPlacement::Found)
+        .zip(&written.founded)
+        .map(|(u, id)| (*id, u.attributes.clone()))
+        .collect();
+    match backend {
+        Backend::Embedded { index, .. } => {
+            for (id, a) in founded {
+                index.add_now(id, a);
+            }
+        }
+        Backend::Distributed { session, redis } => {
+            // Step 5: the groups it joined first (a founder's own add may
+            // be late), then its own in id order.
+            let mut joined: Vec<GroupId> = users
+                .iter()
+                .filter_map(|u| match u.placement {
+                    ImportPlacement::Join(g) => Some(g),
+                    _ => None,
+                })
+                .collect();
+            joined.sort_unstable();
+            joined.dedup();
+            let owners = owners.expect("distributed batches read owners");
+            let mut groups: Vec<(GroupId, AttributeSet)> = joined
+                .into_iter()
+                .filter_map(|g| owners.group(g).map(|a| (g, a.clone())))
+                .collect();
+            groups.extend(founded.iter().cloned());
+            let published = async {
+                let (before, gen1) = redis.server_identity().await?;
+                redis.add_groups(&groups).await?;
+                let (after, gen2) = redis.server_identity().await?;
+                Ok::<_, IndexError>((before == after && gen1 == gen2).then_some(before))
+            }
+            .await;
+            crate::failpoint::hit("import:published");
+            match published {
+                Ok(server) => {
+                    let ids: Vec<GroupId> = founded.iter().map(|(id, _)| *id).collect();
+                    session.mark_indexed(&ids).await?;
+                    if let (Some(server), Some(mark)) = (server, written.dirty_mark)
+                        && !session.lift_dirty_mark(mark, &server).await?
+                    {
+                        tracing::debug!(
+                            mark,
+                            "the index stays marked dirty (synced on another server or marked meanwhile)"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not add the batch's groups to the index: it stays marked dirty, and replicas decide from the database until it is synced");
+                }
+            }
+        }
+    }
+    Ok(())
+}

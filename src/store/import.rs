@@ -1,0 +1,84 @@
+//! What `cohort import` needs of a store, beyond one signup at a time: the
+//! usernames a batch would take, and a batch decided and committed in one
+//! transaction while no other process can found a group (see
+//! `crate::import` for the protocol and its failure analysis).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+
+use super::StoreError;
+use crate::domain::{AttributeSet, GroupId, Username};
+
+/// Where one imported user goes, as decided for its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportPlacement {
+    /// A group committed before the batch.
+    Join(GroupId),
+    /// The group founded by the `n`-th founding of this batch.
+    JoinFounded(usize),
+    /// A new group with the user's attributes.
+    Found,
+}
+
+/// One user of a batch: validated, hashed and placed.
+#[derive(Debug, Clone)]
+pub struct ImportUser {
+    pub username: Username,
+    pub password_hash: String,
+    pub attributes: AttributeSet,
+    /// A keyed hash of the line (see `crate::import::line`).
+    pub fingerprint: Vec<u8>,
+    /// The t-subset keys of `attributes` (`domain::grouping::subset_keys`).
+    pub keys: Vec<Vec<u8>>,
+    pub placement: ImportPlacement,
+}
+
+/// What a store knows of a username an import wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existing {
+    /// A user has it now.
+    pub user: bool,
+    /// The fingerprint of the import line that created it, if one did.
+    pub record: Option<Vec<u8>>,
+}
+
+/// A batch's writes, committed.
+#[derive(Debug, Clone, Default)]
+pub struct Written {
+    /// The ids of the groups the batch founded, in its order (ascending).
+    pub founded: Vec<GroupId>,
+    /// Distributed mode: the dirty mark the batch set (see `crate::import`).
+    pub dirty_mark: Option<i64>,
+}
+
+/// A committed group owning one t-subset key.
+pub type Owner = (Vec<u8>, GroupId, AttributeSet);
+
+/// One process importing: holds what keeps other importers and index syncs
+/// out for its whole life (Postgres: the sync advisory lock on a connection
+/// of its own; embedded: the data directory's lock, already held).
+#[async_trait]
+pub trait ImportSession: Send {
+    /// The usernames of `names` that exist or were imported.
+    async fn existing(&mut self, names: &[String])
+    -> Result<HashMap<String, Existing>, StoreError>;
+    /// Opens the batch's transaction: checks the deployment's threshold and
+    /// keeps other processes' foundings out until commit or rollback.
+    async fn begin(&mut self) -> Result<(), StoreError>;
+    /// Committed groups owning any of `keys`, read in the transaction.
+    async fn owners(&mut self, keys: &[&[u8]]) -> Result<Vec<Owner>, StoreError>;
+    /// Writes the batch (groups and their subsets, users in order, import
+    /// records). [`StoreError::Overlap`] if a subset is taken,
+    /// [`StoreError::UsernameTaken`] if a username is: the transaction is
+    /// then to be rolled back.
+    async fn write(&mut self, users: &[ImportUser]) -> Result<Written, StoreError>;
+    async fn commit(&mut self) -> Result<(), StoreError>;
+    async fn rollback(&mut self) -> Result<(), StoreError>;
+    /// Distributed mode: after every group of the batch with mark `mark` is
+    /// in the index on the server `server`, lifts the mark if nothing else
+    /// marked the index dirty since and it was clean before. True if lifted.
+    async fn lift_dirty_mark(&mut self, mark: i64, server: &str) -> Result<bool, StoreError>;
+    /// Distributed mode: records that these groups are in the index.
+    async fn mark_indexed(&mut self, ids: &[GroupId]) -> Result<(), StoreError>;
+}

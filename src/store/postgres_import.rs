@@ -1,0 +1,291 @@
+//! The import session on Postgres (a child of `postgres`, for its private
+//! pool and helpers). One connection of its own, taken out of the pool: it
+//! holds the sync advisory lock for the session's life, so that no index
+//! sync runs while batches lift their own dirty marks, and dropping it (a
+//! crash included) closes the connection, which rolls back an open batch
+//! and releases the lock.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+
+use super::{LOCK_CLASS, PgStore, SYNC_LOCK, attrs_from_row, is_unique_violation, unavailable};
+use crate::domain::GroupId;
+use crate::store::StoreError;
+use crate::store::import::{Existing, ImportPlacement, ImportSession, ImportUser, Owner, Written};
+
+/// Attributes travel joined by U+001F, which a canonical attribute never
+/// holds (control characters are refused), and are split back in SQL: an
+/// array of arrays cannot be unnested row by row.
+const SEP: char = '\x1f';
+
+pub struct PgImportSession {
+    client: deadpool_postgres::ClientWrapper,
+    t: i16,
+}
+
+impl PgStore {
+    /// A connection of its own, holding the sync lock (waiting for a sync in
+    /// progress to finish).
+    pub async fn import_session(&self) -> Result<PgImportSession, StoreError> {
+        let client = deadpool_postgres::Object::take(self.client().await?);
+        client
+            .batch_execute("SET lock_timeout = 0")
+            .await
+            .map_err(unavailable)?;
+        client
+            .execute(
+                "SELECT pg_advisory_lock($1, $2)",
+                &[&LOCK_CLASS, &SYNC_LOCK],
+            )
+            .await
+            .map_err(unavailable)?;
+        client
+            .batch_execute("SET lock_timeout = 10000")
+            .await
+            .map_err(unavailable)?;
+        Ok(PgImportSession {
+            client,
+            t: self.t.get() as i16,
+        })
+    }
+}
+
+fn joined(a: &crate::domain::AttributeSet) -> String {
+    let mut s = String::new();
+    for (i, x) in a.iter().enumerate() {
+        if i > 0 {
+            s.push(SEP);
+        }
+        s.push_str(x.as_str());
+    }
+    s
+}
+
+#[async_trait]
+impl ImportSession for PgImportSession {
+    async fn existing(
+        &mut self,
+        names: &[String],
+    ) -> Result<HashMap<String, Existing>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT n, EXISTS (SELECT 1 FROM users WHERE username = n), \
+                   (SELECT fingerprint FROM import_records WHERE username = n) \
+                 FROM unnest($1::text[]) AS n",
+                &[&names],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let e = Existing {
+                    user: r.get(1),
+                    record: r.get(2),
+                };
+                (e.user || e.record.is_some()).then(|| (r.get(0), e))
+            })
+            .collect())
+    }
+
+    async fn begin(&mut self) -> Result<(), StoreError> {
+        self.client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(unavailable)?;
+        // The deployment row first, as a signup takes it (FOR KEY SHARE),
+        // then the subset table: the same order as a founding, so no
+        // deadlock with one; a threshold change (FOR UPDATE) waits for us.
+        let row = self
+            .client
+            .query_one("SELECT threshold FROM deployment FOR KEY SHARE", &[])
+            .await
+            .map_err(unavailable)?;
+        let deployed = row.get::<_, i32>(0) as usize;
+        if deployed != self.t as usize {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(StoreError::ThresholdMismatch {
+                deployed,
+                configured: self.t as usize,
+            });
+        }
+        // Foundings insert into group_subsets (ROW EXCLUSIVE): this waits for
+        // those in flight to commit, and keeps new ones out until we end.
+        // Joins do not touch the table and go on.
+        self.client
+            .batch_execute("LOCK TABLE group_subsets IN SHARE ROW EXCLUSIVE MODE")
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn owners(&mut self, keys: &[&[u8]]) -> Result<Vec<Owner>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT s.subset, g.id, g.attributes FROM ( \
+                   SELECT subset, group_id FROM group_subsets WHERE threshold = $1 AND subset = ANY($2) \
+                   UNION ALL \
+                   SELECT subset, group_id FROM group_subset_overlaps WHERE threshold = $1 AND subset = ANY($2) \
+                 ) AS s JOIN groups g ON g.id = s.group_id",
+                &[&self.t, &keys],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|r| Ok((r.get(0), GroupId(r.get(1)), attrs_from_row(r.get(2))?)))
+            .collect()
+    }
+
+    async fn write(&mut self, users: &[ImportUser]) -> Result<Written, StoreError> {
+        let c = &self.client;
+        let founders: Vec<&ImportUser> = users
+            .iter()
+            .filter(|u| u.placement == ImportPlacement::Found)
+            .collect();
+        let mut founded: Vec<GroupId> = Vec::with_capacity(founders.len());
+        if !founders.is_empty() {
+            let mut ids: Vec<i64> = c
+                .query(
+                    "SELECT nextval('group_ids') FROM generate_series(1, $1::int)",
+                    &[&(founders.len() as i32)],
+                )
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect();
+            ids.sort_unstable();
+            let attrs: Vec<String> = founders.iter().map(|u| joined(&u.attributes)).collect();
+            c.execute(
+                "INSERT INTO groups (id, attributes) \
+                 SELECT i, string_to_array(a, E'\\x1f') FROM unnest($1::bigint[], $2::text[]) AS u(i, a)",
+                &[&ids, &attrs],
+            )
+            .await
+            .map_err(unavailable)?;
+            let mut subsets: Vec<&[u8]> = Vec::new();
+            let mut owners: Vec<i64> = Vec::new();
+            for (u, id) in founders.iter().zip(&ids) {
+                for k in &u.keys {
+                    subsets.push(k);
+                    owners.push(*id);
+                }
+            }
+            c.execute(
+                "INSERT INTO group_subsets (threshold, subset, group_id) \
+                 SELECT $1, s, g FROM unnest($2::bytea[], $3::bigint[]) AS u(s, g)",
+                &[&self.t, &subsets, &owners],
+            )
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e, "group_subsets_pkey") {
+                    StoreError::Overlap
+                } else {
+                    unavailable(e)
+                }
+            })?;
+            founded = ids.into_iter().map(GroupId).collect();
+        }
+        let mut names = Vec::with_capacity(users.len());
+        let mut hashes = Vec::with_capacity(users.len());
+        let mut attrs = Vec::with_capacity(users.len());
+        let mut groups = Vec::with_capacity(users.len());
+        let mut prints: Vec<&[u8]> = Vec::with_capacity(users.len());
+        let mut n_found = 0;
+        for u in users {
+            names.push(u.username.as_str());
+            hashes.push(u.password_hash.as_str());
+            attrs.push(joined(&u.attributes));
+            prints.push(&u.fingerprint);
+            groups.push(match u.placement {
+                ImportPlacement::Join(g) => g.0,
+                ImportPlacement::JoinFounded(n) => founded[n].0,
+                ImportPlacement::Found => {
+                    n_found += 1;
+                    founded[n_found - 1].0
+                }
+            });
+        }
+        // In file order: ids ascend with it, so a founder is its group's
+        // first member.
+        c.execute(
+            "INSERT INTO users (username, password_hash, attributes, group_id) \
+             SELECT u, h, string_to_array(a, E'\\x1f'), g \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) WITH ORDINALITY AS x(u, h, a, g, o) \
+             ORDER BY o",
+            &[&names, &hashes, &attrs, &groups],
+        )
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e, "users_username_key") {
+                StoreError::UsernameTaken
+            } else {
+                unavailable(e)
+            }
+        })?;
+        c.execute(
+            "INSERT INTO import_records (username, fingerprint) \
+             SELECT * FROM unnest($1::text[], $2::bytea[]) \
+             ON CONFLICT (username) DO UPDATE SET fingerprint = excluded.fingerprint, imported_at = now()",
+            &[&names, &prints],
+        )
+        .await
+        .map_err(unavailable)?;
+        // Until this batch's groups are in Redis, no replica may commit a
+        // join decided there (see `crate::import`).
+        let mark: i64 = c
+            .query_one(
+                "UPDATE deployment SET index_dirty = index_dirty + 1 RETURNING index_dirty",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        Ok(Written {
+            founded,
+            dirty_mark: Some(mark),
+        })
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn lift_dirty_mark(&mut self, mark: i64, server: &str) -> Result<bool, StoreError> {
+        let n = self
+            .client
+            .execute(
+                "UPDATE deployment SET index_clean = $1 \
+                 WHERE index_dirty = $1 AND index_clean = $1 - 1 AND index_server = $2",
+                &[&mark, &server],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn mark_indexed(&mut self, ids: &[GroupId]) -> Result<(), StoreError> {
+        let ids: Vec<i64> = ids.iter().map(|g| g.0).collect();
+        self.client
+            .execute(
+                "UPDATE groups SET indexed = true WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}

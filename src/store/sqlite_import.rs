@@ -1,0 +1,235 @@
+//! The import session on the embedded store (a child of `sqlite`, for its
+//! connection and helpers). The data directory's lock already keeps every
+//! other process out, so a batch's transaction needs no lock of its own; it
+//! is `BEGIN IMMEDIATE` all the same, and the page cache is enlarged for
+//! the session (the subset table's keys are random, so a batch touches
+//! pages all over it).
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteStore, attrs_from_json, attrs_to_json, is_unique, unavailable};
+use crate::domain::GroupId;
+use crate::store::StoreError;
+use crate::store::import::{Existing, ImportPlacement, ImportSession, ImportUser, Owner, Written};
+
+/// Page cache for an import session, in KiB (SQLite's negative form).
+const IMPORT_CACHE_KIB: i64 = 1 << 20;
+
+pub struct SqliteImportSession {
+    store: SqliteStore,
+}
+
+impl SqliteStore {
+    pub async fn import_session(&self) -> Result<SqliteImportSession, StoreError> {
+        self.with(|c| {
+            c.execute_batch(&format!("PRAGMA cache_size = -{IMPORT_CACHE_KIB}"))
+                .map_err(unavailable)
+        })
+        .await?;
+        Ok(SqliteImportSession {
+            store: self.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl ImportSession for SqliteImportSession {
+    async fn existing(
+        &mut self,
+        names: &[String],
+    ) -> Result<HashMap<String, Existing>, StoreError> {
+        let names = names.to_vec();
+        self.store
+            .with(move |c| {
+                let mut user = c
+                    .prepare_cached("SELECT 1 FROM users WHERE username = ?1")
+                    .map_err(unavailable)?;
+                let mut rec = c
+                    .prepare_cached("SELECT fingerprint FROM import_records WHERE username = ?1")
+                    .map_err(unavailable)?;
+                let mut out = HashMap::new();
+                for n in names {
+                    let e = Existing {
+                        user: user
+                            .query_row([&n], |_| Ok(()))
+                            .optional()
+                            .map_err(unavailable)?
+                            .is_some(),
+                        record: rec
+                            .query_row([&n], |r| r.get(0))
+                            .optional()
+                            .map_err(unavailable)?,
+                    };
+                    if e.user || e.record.is_some() {
+                        out.insert(n, e);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn begin(&mut self) -> Result<(), StoreError> {
+        let t = self.store.t;
+        self.store
+            .with(move |c| {
+                c.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
+                let deployed: i64 = c
+                    .query_row("SELECT threshold FROM deployment", [], |r| r.get(0))
+                    .map_err(unavailable)?;
+                if deployed as usize != t.get() {
+                    let _ = c.execute_batch("ROLLBACK");
+                    return Err(StoreError::ThresholdMismatch {
+                        deployed: deployed as usize,
+                        configured: t.get(),
+                    });
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn owners(&mut self, keys: &[&[u8]]) -> Result<Vec<Owner>, StoreError> {
+        let keys: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+        let t = self.store.t.get() as i64;
+        self.store
+            .with(move |c| {
+                let mut stmt = c
+                    .prepare_cached(
+                        "SELECT g.id, g.attributes FROM groups g WHERE g.id IN ( \
+                           SELECT group_id FROM group_subsets WHERE threshold = ?1 AND subset = ?2 \
+                           UNION SELECT group_id FROM group_subset_overlaps WHERE threshold = ?1 AND subset = ?2)",
+                    )
+                    .map_err(unavailable)?;
+                let mut out = Vec::new();
+                for k in keys {
+                    let rows = stmt
+                        .query_map(params![t, k], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                        })
+                        .map_err(unavailable)?;
+                    for row in rows {
+                        let (id, a) = row.map_err(unavailable)?;
+                        out.push((k.clone(), GroupId(id), attrs_from_json(&a)?));
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn write(&mut self, users: &[ImportUser]) -> Result<Written, StoreError> {
+        let users = users.to_vec();
+        let t = self.store.t.get() as i64;
+        self.store
+            .with(move |c| {
+                let stamp = chrono::Utc::now().to_rfc3339();
+                let next: i64 = c
+                    .query_row("SELECT coalesce(max(id), 0) + 1 FROM groups", [], |r| {
+                        r.get(0)
+                    })
+                    .map_err(unavailable)?;
+                let mut founded = Vec::new();
+                {
+                    let mut group = c
+                        .prepare_cached(
+                            "INSERT INTO groups (id, attributes, created_at) VALUES (?1, ?2, ?3)",
+                        )
+                        .map_err(unavailable)?;
+                    let mut subset = c
+                        .prepare_cached(
+                            "INSERT INTO group_subsets (threshold, subset, group_id) VALUES (?1, ?2, ?3)",
+                        )
+                        .map_err(unavailable)?;
+                    for u in users.iter().filter(|u| u.placement == ImportPlacement::Found) {
+                        let id = next + founded.len() as i64;
+                        group
+                            .execute(params![id, attrs_to_json(&u.attributes), stamp])
+                            .map_err(unavailable)?;
+                        for k in &u.keys {
+                            subset.execute(params![t, k, id]).map_err(|e| {
+                                if is_unique(&e) {
+                                    StoreError::Overlap
+                                } else {
+                                    unavailable(e)
+                                }
+                            })?;
+                        }
+                        founded.push(GroupId(id));
+                    }
+                }
+                let mut user = c
+                    .prepare_cached(
+                        "INSERT INTO users (username, password_hash, attributes, group_id, created_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(unavailable)?;
+                let mut record = c
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO import_records (username, fingerprint) VALUES (?1, ?2)",
+                    )
+                    .map_err(unavailable)?;
+                let mut n_found = 0;
+                for u in &users {
+                    let g = match u.placement {
+                        ImportPlacement::Join(g) => g,
+                        ImportPlacement::JoinFounded(n) => founded[n],
+                        ImportPlacement::Found => {
+                            n_found += 1;
+                            founded[n_found - 1]
+                        }
+                    };
+                    user.execute(params![
+                        u.username.as_str(),
+                        u.password_hash,
+                        attrs_to_json(&u.attributes),
+                        g.0,
+                        stamp
+                    ])
+                    .map_err(|e| {
+                        if is_unique(&e) {
+                            StoreError::UsernameTaken
+                        } else {
+                            unavailable(e)
+                        }
+                    })?;
+                    record
+                        .execute(params![u.username.as_str(), u.fingerprint])
+                        .map_err(unavailable)?;
+                }
+                Ok(Written {
+                    founded,
+                    dirty_mark: None,
+                })
+            })
+            .await
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        self.store
+            .with(|c| c.execute_batch("COMMIT").map_err(unavailable))
+            .await
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        self.store
+            .with(|c| {
+                if c.is_autocommit() {
+                    return Ok(());
+                }
+                c.execute_batch("ROLLBACK").map_err(unavailable)
+            })
+            .await
+    }
+
+    async fn lift_dirty_mark(&mut self, _mark: i64, _server: &str) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    async fn mark_indexed(&mut self, _ids: &[GroupId]) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,455 @@
+//! `cohort import` with the real binary: the groups are those one-at-a-time
+//! signups in file order give (compared with HTTP signups and with the
+//! reference rule), beside live signups on three replicas, killed and run
+//! again, and every kind of bad line.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use cohort::domain::grouping::LinearScan;
+use cohort::domain::{AttributeRules, AttributeSet, Threshold};
+use serde_json::{Value, json};
+
+use crate::cluster::*;
+use crate::helpers::*;
+
+/// A PHC string for PASSWORD at the service's parameters (one for all the
+/// lines of a file: hashing is not what these tests are about).
+async fn phc() -> String {
+    let h = cohort::auth::PasswordHasher::new(1, std::sync::Arc::new(|_| {}));
+    h.hash(&cohort::domain::Password::parse(PASSWORD.into()).unwrap())
+        .await
+}
+
+/// User `n` of a test population: dense collisions (a small vocabulary),
+/// written with varying case and spaces (canonicalisation).
+fn user(n: usize, vocab: usize) -> (String, Vec<String>) {
+    let attrs = attrs_for(n, vocab)
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if i % 2 == 0 {
+                format!(" {} ", a.to_uppercase())
+            } else {
+                a
+            }
+        })
+        .collect();
+    (format!("user{n}"), attrs)
+}
+
+fn write_file(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+fn hash_lines(users: &[(String, Vec<String>)], phc: &str) -> Vec<String> {
+    users
+        .iter()
+        .map(|(u, a)| json!({"username": u, "password_hash": phc, "attributes": a}).to_string())
+        .collect()
+}
+
+/// The environment of `cohort import` against `backing`.
+fn env_of(backing: &Backing) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("RUST_LOG".into(), "warn".into()),
+        ("COHORT_LOG_FORMAT".into(), "json".into()),
+    ];
+    match backing {
+        Backing::Distributed { db, prefix } => {
+            env.push(("DATABASE_URL".into(), db.url.clone()));
+            env.push(("REDIS_URL".into(), prefix.url.clone()));
+            env.push(("COHORT_REDIS_PREFIX".into(), prefix.prefix.clone()));
+            env.push(("COHORT_JWT_SECRET".into(), SECRET.into()));
+        }
+        Backing::Embedded { dir } => {
+            env.push(("COHORT_DATA_DIR".into(), dir.path().display().to_string()));
+        }
+    }
+    env
+}
+
+fn import_cmd(backing: &Backing, file: &Path, extra: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohort"));
+    cmd.arg("import")
+        .arg(file)
+        .arg("--json")
+        .args(extra)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env_of(backing) {
+        cmd.env(k, v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs an import to its end: (exit code, summary).
+fn import(backing: &Backing, file: &Path, extra: &[&str]) -> (i32, Value) {
+    let out: Output = import_cmd(backing, file, extra, &[]).output().unwrap();
+    let code = out.status.code().unwrap_or(-1);
+    let summary = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| json!({"stderr": String::from_utf8_lossy(&out.stderr).to_string()}));
+    (code, summary)
+}
+
+/// username -> (group id, group attributes), from the system of record.
+async fn placements(backing: &Backing) -> HashMap<String, (i64, Vec<String>)> {
+    match backing {
+        Backing::Distributed { db, .. } => db
+            .client()
+            .await
+            .query(
+                "SELECT u.username, g.id, g.attributes FROM users u JOIN groups g ON g.id = u.group_id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect(),
+        Backing::Embedded { dir } => {
+            let c = rusqlite::Connection::open(dir.path().join("cohort.sqlite3")).unwrap();
+            let mut s = c
+                .prepare("SELECT u.username, g.id, g.attributes FROM users u JOIN groups g ON g.id = u.group_id")
+                .unwrap();
+            s.query_map([], |r| {
+                let a: String = r.get(2)?;
+                Ok((
+                    r.get::<_, String>(0)?,
+                    (r.get::<_, i64>(1)?, serde_json::from_str(&a).unwrap()),
+                ))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+        }
+    }
+}
+
+/// What one-at-a-time signups of `users` in order give, by the reference rule.
+fn reference(users: &[(String, Vec<String>)]) -> HashMap<String, (i64, Vec<String>)> {
+    let mut r = LinearScan::new(Threshold::new(3, 16).unwrap());
+    users
+        .iter()
+        .map(|(u, a)| {
+            let set = AttributeSet::parse(a, AttributeRules { min: 3, max: 16 }).unwrap();
+            let p = r.assign(&set);
+            (u.clone(), (p.group_id.0, p.group_attributes.to_strings()))
+        })
+        .collect()
+}
+
+async fn assert_db_invariants(backing: &Backing) {
+    if let Some(db) = backing.db() {
+        let (users, groups) = db_snapshot(db).await;
+        assert_invariants(&users, &groups, 3);
+    }
+}
+
+async fn differential(mode: Mode) {
+    const N: usize = 1_500;
+    let users: Vec<(String, Vec<String>)> = (0..N).map(|n| user(n, 14)).collect();
+    // One at a time over HTTP.
+    let app = spawn_app(mode).await;
+    for (u, a) in &users {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        app.signup_ok(u, &a).await;
+    }
+    let by_http = placements(&app.backing).await;
+    // The same users imported, in batches that split the file unevenly.
+    let backing = Backing::new(mode).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "users.jsonl", &hash_lines(&users, &phc().await));
+    let (code, summary) = import(&backing, &file, &["--batch", "317"]);
+    assert_eq!(code, 0, "{summary}");
+    assert_eq!(summary["imported"], N);
+    let imported = placements(&backing).await;
+    assert_eq!(imported.len(), N);
+    assert_eq!(
+        imported, by_http,
+        "the import placed users otherwise than HTTP signups"
+    );
+    assert_eq!(imported, reference(&users));
+    assert_db_invariants(&backing).await;
+    // An imported user signs in with the password of the hash.
+    drop(app);
+    let served = spawn_with(backing, |_| {}).await;
+    assert_eq!(
+        served.signin("user7", PASSWORD).await.status().as_u16(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_places_users_as_http_signups_do_distributed() {
+    differential(Mode::Distributed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_places_users_as_http_signups_do_embedded() {
+    differential(Mode::Embedded).await;
+}
+
+/// An import on the same deployment as three replicas under live signups:
+/// the checker's invariants hold for every user, imported or not, and the
+/// index ends level with Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_beside_live_signups_on_three_replicas() {
+    let db = TestDb::create().await;
+    let prefix = TestPrefix::new(&redis_url());
+    let replicas: Vec<Replica> = (0..3)
+        .map(|_| Replica::start(&db.url, &redis_url(), &prefix.prefix, &[]))
+        .collect();
+    let bases = std::sync::Arc::new(std::sync::Mutex::new(
+        replicas.iter().map(|r| r.base()).collect::<Vec<_>>(),
+    ));
+    let history = History::default();
+    let backing = Backing::Distributed {
+        db: db.clone(),
+        prefix: prefix.clone(),
+    };
+    // The same vocabulary as the live load: imported and live users collide.
+    let users: Vec<(String, Vec<String>)> = (0..4_000).map(|n| user(n + 100_000, 9)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "users.jsonl", &hash_lines(&users, &phc().await));
+    let live = tokio::spawn(load(bases, 6, 40, 9, "live", history.clone(), true));
+    until_created(&history, 20).await;
+    let (code, summary) = tokio::task::spawn_blocking({
+        let backing = backing.clone();
+        move || import(&backing, &file, &["--batch", "200"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{summary}");
+    assert_eq!(summary["imported"], 4_000);
+    live.await.unwrap();
+    check(&db.url, &history, 3).await;
+    let all = placements(&backing).await;
+    assert_eq!(all.len(), 4_000 + 240);
+    let (d, r, p) = (db.url.clone(), redis_url(), prefix.prefix.clone());
+    assert!(
+        eventually(60, move || {
+            let (d, r, p) = (d.clone(), r.clone(), p.clone());
+            async move { verify_ok(&d, &r, &p) }
+        })
+        .await,
+        "the index did not end level with Postgres"
+    );
+}
+
+async fn kill_and_resume(mode: Mode) {
+    const N: usize = 1_000;
+    let users: Vec<(String, Vec<String>)> = (0..N).map(|n| user(n, 12)).collect();
+    let backing = Backing::new(mode).await;
+    let dir = tempfile::tempdir().unwrap();
+    // New passwords: hashing makes the run long enough to be killed in.
+    let lines: Vec<String> = users
+        .iter()
+        .map(|(u, a)| json!({"username": u, "password": PASSWORD, "attributes": a}).to_string())
+        .collect();
+    let file = write_file(dir.path(), "users.jsonl", &lines);
+    // Killed right after the first batch's commit (before its index add).
+    let out = import_cmd(
+        &backing,
+        &file,
+        &["--batch", "100"],
+        &[("COHORT_FAILPOINTS", "import:committed")],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(placements(&backing).await.len(), 100);
+    if let Some(db) = backing.db() {
+        let row = db
+            .client()
+            .await
+            .query_one("SELECT index_dirty > index_clean FROM deployment", &[])
+            .await
+            .unwrap();
+        assert!(
+            row.get::<_, bool>(0),
+            "a committed, unpublished batch leaves the index dirty"
+        );
+    }
+    // SIGKILL at an arbitrary point of the next run.
+    let mut child: Child = import_cmd(&backing, &file, &["--batch", "20"], &[])
+        .spawn()
+        .unwrap();
+    let b = backing.clone();
+    let progressed = eventually(120, move || {
+        let b = b.clone();
+        async move { rt_count(&b).await > 300 }
+    })
+    .await;
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(progressed, "the import made no progress");
+    let before = placements(&backing).await.len();
+    assert!(before < N, "the import finished before it was killed");
+    // Run again: what is left is imported, nothing twice.
+    let (code, summary) = import(&backing, &file, &["--batch", "100"]);
+    assert_eq!(code, 0, "{summary}");
+    assert_eq!(summary["imported"], N - before, "{summary}");
+    assert_eq!(summary["already_imported"], before, "{summary}");
+    assert_eq!(placements(&backing).await, reference(&users));
+    assert_db_invariants(&backing).await;
+    let (code, summary) = import(&backing, &file, &[]);
+    assert_eq!((code, &summary["imported"]), (0, &json!(0)), "{summary}");
+    assert_eq!(summary["already_imported"], N);
+}
+
+async fn rt_count(b: &Backing) -> usize {
+    placements(b).await.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_killed_and_run_again_distributed() {
+    kill_and_resume(Mode::Distributed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_killed_and_run_again_embedded() {
+    kill_and_resume(Mode::Embedded).await;
+}
+
+async fn bad_lines(mode: Mode) {
+    let backing = Backing::new(mode).await;
+    // A user who signed up over HTTP first: its name is taken.
+    {
+        let app = spawn_with(backing.clone(), |_| {}).await;
+        app.signup_ok("taken", &["a", "b", "c"]).await;
+        app.stop().await;
+    }
+    let hash = phc().await;
+    let weak = hash.replacen("t=2", "t=1", 1);
+    let good = |u: &str| {
+        json!({"username": u, "password": PASSWORD, "attributes": ["x", "y", "z"]}).to_string()
+    };
+    let lines = vec![
+        good("first"),                                                                 // 1
+        "not json".into(),                                                             // 2
+        "[1, 2]".into(),                                                               // 3
+        json!({"username": "no", "password": PASSWORD, "attributes": ["x", "y", "z"]}).to_string(), // 4
+        json!({"username": "shortpw", "password": "short", "attributes": ["x", "y", "z"]}).to_string(), // 5
+        json!({"username": "commonpw", "password": "passwordpassword", "attributes": ["x", "y", "z"]}).to_string(), // 6
+        json!({"username": "fewattrs", "password": PASSWORD, "attributes": ["x", "X "]}).to_string(), // 7
+        json!({"username": "ctrl", "password": PASSWORD, "attributes": ["x", "y", "z\u{7}"]}).to_string(), // 8
+        json!({"username": "both", "password": PASSWORD, "password_hash": hash, "attributes": ["x", "y", "z"]}).to_string(), // 9
+        json!({"username": "neither", "attributes": ["x", "y", "z"]}).to_string(),     // 10
+        json!({"username": "weakhash", "password_hash": weak, "attributes": ["x", "y", "z"]}).to_string(), // 11
+        json!({"username": "bcrypt", "password_hash": "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW", "attributes": ["x", "y", "z"]}).to_string(), // 12
+        json!({"username": "extra", "password": PASSWORD, "attributes": ["x", "y", "z"], "admin": true}).to_string(), // 13
+        good("taken"),                                                                 // 14
+        json!({"username": "FIRST", "password": PASSWORD, "attributes": ["x", "y", "q"]}).to_string(), // 15: same name, other content
+        format!("{{\"username\":\"long\",\"password\":\"{}\"}}", "p".repeat(20_000)), // 16
+        json!({"username": "hashed", "password_hash": hash, "attributes": ["x", "y", "w"]}).to_string(), // 17
+        String::new(),                                                                 // 18: blank, ignored
+        good("last"),                                                                  // 19
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = lines.join("\n").into_bytes();
+    bytes.extend_from_slice(b"\n\xff\xfe\n"); // 20: not UTF-8
+    let file = dir.path().join("users.jsonl");
+    std::fs::write(&file, bytes).unwrap();
+    for run in 0..2 {
+        let (code, summary) = import(&backing, &file, &["--batch", "4"]);
+        assert_eq!(code, 1, "{summary}");
+        assert_eq!(summary["rejected"], 16, "{summary}");
+        assert_eq!(
+            summary["imported"],
+            if run == 0 { 3 } else { 0 },
+            "{summary}"
+        );
+        assert_eq!(
+            summary["already_imported"],
+            if run == 0 { 0 } else { 3 },
+            "{summary}"
+        );
+        let rejects =
+            std::fs::read_to_string(dir.path().join("users.jsonl.rejects.jsonl")).unwrap();
+        let rejects: Vec<Value> = rejects
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<u64> = rejects
+            .iter()
+            .map(|r| r["line"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 20]
+        );
+        let reason = |line: u64| {
+            rejects.iter().find(|r| r["line"] == line).unwrap()["reason"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        for (line, says) in [
+            (2, "JSON"),
+            (4, "username"),
+            (5, "at least 15"),
+            (6, "too common"),
+            (7, "attributes"),
+            (9, "not both"),
+            (10, "required"),
+            (11, "weaker"),
+            (12, "argon2id"),
+            (13, "unknown field"),
+            (14, "taken"),
+            (15, "taken"),
+            (16, "longer"),
+            (20, "UTF-8"),
+        ] {
+            assert!(reason(line).contains(says), "line {line}: {}", reason(line));
+        }
+        assert!(
+            !rejects.iter().any(|r| r.to_string().contains(PASSWORD)),
+            "a password in the reject file"
+        );
+    }
+    let placed = placements(&backing).await;
+    assert_eq!(placed.len(), 4);
+    for u in ["first", "hashed", "last"] {
+        assert!(placed.contains_key(u), "{u} was not imported");
+    }
+    // Could not run: exit 2 with the reason.
+    let (code, summary) = import(&backing, &dir.path().join("missing.jsonl"), &[]);
+    assert_eq!(code, 2, "{summary}");
+    let served = spawn_with(backing.clone(), |_| {}).await;
+    assert_eq!(
+        served.signin("hashed", PASSWORD).await.status().as_u16(),
+        200
+    );
+    assert_eq!(
+        served.signin("first", PASSWORD).await.status().as_u16(),
+        200
+    );
+    if mode == Mode::Embedded {
+        // The server holds the data directory.
+        let (code, summary) = import(&backing, &file, &[]);
+        assert_eq!(code, 2, "{summary}");
+        assert!(
+            summary.to_string().contains("another cohort process"),
+            "{summary}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_bad_line_is_rejected_with_its_reason_distributed() {
+    bad_lines(Mode::Distributed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_bad_line_is_rejected_with_its_reason_embedded() {
+    bad_lines(Mode::Embedded).await;
+}
