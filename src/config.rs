@@ -83,12 +83,18 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
-    /// Users, groups, the distribution of group sizes and the commonest
-    /// attributes.
+    /// Users, groups, the distribution of group sizes (percentiles and a
+    /// power-of-two histogram, from the member counters: cheap) and the
+    /// commonest attributes (a scan of every user: seconds at millions).
+    /// Read-only, from one snapshot; in embedded mode it reads the SQLite
+    /// file beside a running server. Exit 0, or 2 when it could not run.
     Stats {
         /// Print as JSON.
         #[arg(long)]
         json: bool,
+        /// How many of the commonest attributes to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
         #[command(flatten)]
         settings: Settings,
     },

@@ -22,6 +22,7 @@ pub mod ratelimit;
 pub mod service;
 pub mod signup;
 pub mod startup;
+pub mod stats;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

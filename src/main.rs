@@ -60,7 +60,7 @@ async fn main() -> ExitCode {
             json,
             ..
         } => import(config, file, rejects, batch, json).await,
-        Command::Stats { json, .. } => stats(config, json).await,
+        Command::Stats { json, top, .. } => stats(config, json, top).await,
     };
     match result {
         Ok(code) => code,
@@ -261,9 +261,28 @@ async fn import(
     Ok(ExitCode::from(if summary.rejected == 0 { 0 } else { 1 }))
 }
 
-async fn stats(config: Config, json: bool) -> anyhow::Result<ExitCode> {
-    let _ = (config, json);
-    anyhow::bail!("not yet")
+async fn stats(config: Config, json: bool, top: usize) -> anyhow::Result<ExitCode> {
+    let stats = match pg(&config)? {
+        Some(store) => store.stats(top).await?,
+        None => {
+            let Mode::Embedded { data_dir } = &config.mode else {
+                unreachable!("pg() is None only in embedded mode")
+            };
+            // Read-only, without the data directory's lock (see
+            // `store::sqlite::stats`): it runs beside a server.
+            let db = data_dir.join("cohort.sqlite3");
+            tokio::task::spawn_blocking(move || {
+                cohort::store::sqlite::stats::stats_of_file(&db, top)
+            })
+            .await??
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    } else {
+        print!("{}", stats.human());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A progress bar on a terminal, plain log lines otherwise.

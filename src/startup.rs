@@ -479,9 +479,14 @@ fn spawn_count_refresher(service: web::Data<Service>) {
     let weak = Arc::downgrade(&service.clone().into_inner());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut sizes_due = tokio::time::Instant::now();
         loop {
             tick.tick().await;
             let Some(svc) = weak.upgrade() else { return };
+            if tokio::time::Instant::now() >= sizes_due {
+                sizes_due = tokio::time::Instant::now() + GROUP_SIZES_EVERY;
+                refresh_group_sizes(&svc).await;
+            }
             match svc.store.counts().await {
                 Ok((g, u)) => {
                     svc.metrics.groups.set(g as i64);
@@ -496,4 +501,25 @@ fn spawn_count_refresher(service: web::Data<Service>) {
                 .set(i64::from(state == crate::index::health::IndexState::Ready));
         }
     });
+}
+
+/// How often a replica refreshes the group-size gauges: one aggregate query
+/// over the member counters (about a second at a million groups), so at most
+/// once a minute per replica.
+pub const GROUP_SIZES_EVERY: Duration = Duration::from_secs(60);
+
+/// Refreshes the group-size gauges now (the refresher calls it every
+/// [`GROUP_SIZES_EVERY`]; tests call it directly). False if the store could
+/// not answer (the gauges keep their last values).
+pub async fn refresh_group_sizes(svc: &Service) -> bool {
+    match svc.store.group_sizes().await {
+        Ok(d) => {
+            svc.metrics.group_sizes.set(&d);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not refresh the group-size metrics");
+            false
+        }
+    }
 }

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub db_pool_size: IntGauge,
     pub db_pool_available: IntGauge,
     pub db_pool_waiting: IntGauge,
+    pub group_sizes: GroupSizeMetrics,
 }
 
 impl Default for Metrics {
@@ -199,6 +200,7 @@ impl Metrics {
         // first founding.
         signups.with_label_values(&["joined"]);
         signups.with_label_values(&["founded"]);
+        let group_sizes = GroupSizeMetrics::register(&registry);
         Self {
             registry,
             signups,
@@ -215,6 +217,7 @@ impl Metrics {
             db_pool_size,
             db_pool_available,
             db_pool_waiting,
+            group_sizes,
         }
     }
 
@@ -225,5 +228,78 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+/// The distribution of group sizes, as gauges refreshed every
+/// `GROUP_SIZES_EVERY` by the replica's background refresher from one
+/// aggregate query over the member counters (never on a scrape).
+/// `cohort_group_size_groups{le}` is cumulative like a histogram's buckets,
+/// so `histogram_quantile` reads percentiles from it.
+#[derive(Clone)]
+pub struct GroupSizeMetrics {
+    pub groups_le: IntGaugeVec,
+    pub singletons: IntGauge,
+    pub max: IntGauge,
+    pub refreshed: prometheus::Gauge,
+}
+
+impl GroupSizeMetrics {
+    fn register(registry: &Registry) -> Self {
+        let groups_le = IntGaugeVec::new(
+            Opts::new(
+                "cohort_group_size_groups",
+                "Groups with at most `le` members (cumulative, power-of-two bounds), as of the \
+                 last refresh (every minute, from the member counters).",
+            ),
+            &["le"],
+        )
+        .unwrap();
+        let singletons = IntGauge::new(
+            "cohort_singleton_groups",
+            "Groups of exactly one member, as of the last refresh.",
+        )
+        .unwrap();
+        let max = IntGauge::new(
+            "cohort_group_size_max",
+            "Members of the largest group, as of the last refresh.",
+        )
+        .unwrap();
+        let refreshed = prometheus::Gauge::new(
+            "cohort_group_sizes_refreshed_timestamp_seconds",
+            "When the group-size gauges were last refreshed (Unix time; 0: never).",
+        )
+        .unwrap();
+        for c in [
+            Box::new(groups_le.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(singletons.clone()),
+            Box::new(max.clone()),
+            Box::new(refreshed.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            groups_le,
+            singletons,
+            max,
+            refreshed,
+        }
+    }
+
+    /// Sets every gauge from `d` (all the bounds, so the series set never
+    /// changes).
+    pub fn set(&self, d: &crate::stats::SizeDistribution) {
+        for b in d.buckets(true) {
+            let le = b.le.map_or_else(|| "+Inf".to_owned(), |le| le.to_string());
+            self.groups_le
+                .with_label_values(&[le.as_str()])
+                .set(b.cumulative as i64);
+        }
+        self.singletons.set(d.with_size(1) as i64);
+        self.max.set(d.max() as i64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |t| t.as_secs_f64());
+        self.refreshed.set(now);
     }
 }

@@ -182,6 +182,9 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Vec<(GroupId, AttributeSet)>, StoreError>;
     fn pool_stats(&self) -> PoolStats;
+    /// Group sizes with their number of groups, from the member counters
+    /// (one aggregate query, no scan of users): the group-size metrics.
+    async fn group_sizes(&self) -> Result<crate::stats::SizeDistribution, StoreError>;
 }
 
 /// Picks the best of the candidate groups a subset lookup returned.

@@ -635,6 +635,10 @@ impl Store for PgStore {
             waiting: s.waiting,
         }
     }
+
+    async fn group_sizes(&self) -> Result<crate::stats::SizeDistribution, StoreError> {
+        self.group_size_distribution().await
+    }
 }
 
 /// Writes the t-subsets of every group (in id order) for threshold `t`,
@@ -894,3 +898,6 @@ impl IndexSource for PgStore {
 
 #[path = "postgres_import.rs"]
 pub mod import;
+
+#[path = "postgres_stats.rs"]
+pub mod stats;

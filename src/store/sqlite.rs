@@ -619,7 +619,14 @@ impl Store for SqliteStore {
             waiting: 0,
         }
     }
+
+    async fn group_sizes(&self) -> Result<crate::stats::SizeDistribution, StoreError> {
+        self.group_size_distribution().await
+    }
 }
 
 #[path = "sqlite_import.rs"]
 pub mod import;
+
+#[path = "sqlite_stats.rs"]
+pub mod stats;

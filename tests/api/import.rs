@@ -453,3 +453,129 @@ async fn every_kind_of_bad_line_is_rejected_with_its_reason_distributed() {
 async fn every_kind_of_bad_line_is_rejected_with_its_reason_embedded() {
     bad_lines(Mode::Embedded).await;
 }
+
+/// `cohort stats` (the binary, beside the running server: read-only in
+/// embedded mode) and the group-size gauges, after signups over HTTP.
+async fn check_stats_and_metrics(app: TestApp) {
+    // Groups of 3, 2, 1 and 1 members.
+    for (u, a) in [
+        ("alice", &["a", "b", "c", "d"][..]),
+        ("bob", &["a", "b", "c", "x"]),
+        ("carol", &["a", "b", "c", "y"]),
+        ("dave", &["p", "q", "r"]),
+        ("erin", &["s", "t", "u"]),
+        ("frank", &["p", "q", "r", "z"]),
+        ("gina", &["k", "l", "m"]),
+    ] {
+        app.signup_ok(u, a).await;
+    }
+    assert!(cohort::startup::refresh_group_sizes(&app.service).await);
+    let text = app.get("/metrics").await.text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+    };
+    for (le, n) in [
+        ("1", 2.0),
+        ("2", 3.0),
+        ("4", 4.0),
+        ("1048576", 4.0),
+        ("+Inf", 4.0),
+    ] {
+        assert_eq!(
+            value(&format!("cohort_group_size_groups{{le=\"{le}\"}}")),
+            n,
+            "le={le}"
+        );
+    }
+    assert_eq!(value("cohort_singleton_groups"), 2.0);
+    assert_eq!(value("cohort_group_size_max"), 3.0);
+    assert!(value("cohort_group_sizes_refreshed_timestamp_seconds") > 0.0);
+
+    let run = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cohort"));
+        cmd.arg("stats")
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in env_of(&app.backing) {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(&["--json", "--top", "4"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["users"], 7);
+    assert_eq!(s["groups"], 4);
+    assert_eq!(s["singleton_groups"], 2);
+    assert_eq!(s["empty_groups"], 0);
+    assert_eq!(
+        s["group_size"],
+        json!({"mean": 1.75, "p50": 1, "p90": 3, "p99": 3, "max": 3})
+    );
+    let hist: Vec<(Value, u64)> = s["histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["le"].clone(), b["groups"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        hist,
+        vec![
+            (json!(1), 2),
+            (json!(2), 1),
+            (json!(4), 1),
+            (Value::Null, 0)
+        ]
+    );
+    assert_eq!(
+        s["top_attributes"],
+        json!([
+            {"attribute": "a", "users": 3},
+            {"attribute": "b", "users": 3},
+            {"attribute": "c", "users": 3},
+            {"attribute": "p", "users": 2},
+        ])
+    );
+    // The table, for people.
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("singleton groups  2"), "{table}");
+    assert!(table.contains("p50 1  p90 3  p99 3  max 3"), "{table}");
+}
+
+crate::both_modes!(stats_and_group_size_metrics, |app: TestApp| async move {
+    check_stats_and_metrics(app).await
+});
+
+#[test]
+fn stats_that_cannot_run_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .arg("stats")
+        .env_clear()
+        .env("COHORT_DATA_DIR", dir.path().join("none"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
+        .arg("stats")
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{}/x", free_port()),
+        )
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .env("COHORT_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
