@@ -243,6 +243,7 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary, ImportError> 
     validating.abort();
     let _ = reading.await;
     result?;
+    backend.session().finish().await?;
     if summary.rejected == 0 {
         let _ = std::fs::remove_file(&rejects_path);
         summary.rejects_file = None;

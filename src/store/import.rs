@@ -81,4 +81,22 @@ pub trait ImportSession: Send {
     async fn lift_dirty_mark(&mut self, mark: i64, server: &str) -> Result<bool, StoreError>;
     /// Distributed mode: records that these groups are in the index.
     async fn mark_indexed(&mut self, ids: &[GroupId]) -> Result<(), StoreError>;
+    /// After the last batch: makes every committed batch durable (the
+    /// embedded session commits its batches without waiting for the disk).
+    async fn finish(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// A batch's subset rows, (key, owner), sorted by key: inserted in key
+/// order, consecutive rows land on the same B-tree page (one descent and
+/// one dirty page for many rows, where random order dirties a page a row).
+pub fn sorted_subsets<'a>(
+    founders: impl Iterator<Item = (&'a ImportUser, i64)>,
+) -> Vec<(&'a [u8], i64)> {
+    let mut rows: Vec<(&[u8], i64)> = founders
+        .flat_map(|(u, id)| u.keys.iter().map(move |k| (&k[..], id)))
+        .collect();
+    rows.sort_unstable();
+    rows
 }

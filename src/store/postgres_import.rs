@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use super::{LOCK_CLASS, PgStore, SYNC_LOCK, attrs_from_row, is_unique_violation, unavailable};
 use crate::domain::GroupId;
 use crate::store::StoreError;
-use crate::store::import::{Existing, ImportPlacement, ImportSession, ImportUser, Owner, Written};
+use crate::store::import::{
+    Existing, ImportPlacement, ImportSession, ImportUser, Owner, Written, sorted_subsets,
+};
 
 /// Attributes travel joined by U+001F, which a canonical attribute never
 /// holds (control characters are refused), and are split back in SQL: an
@@ -166,14 +168,12 @@ impl ImportSession for PgImportSession {
             )
             .await
             .map_err(unavailable)?;
-            let mut subsets: Vec<&[u8]> = Vec::new();
-            let mut owners: Vec<i64> = Vec::new();
-            for (u, id) in founders.iter().zip(&ids) {
-                for k in &u.keys {
-                    subsets.push(k);
-                    owners.push(*id);
-                }
-            }
+            // In key order: each primary-key leaf page is dirtied (and
+            // WAL-logged) once for its rows of the batch, not once a row.
+            let (subsets, owners): (Vec<&[u8]>, Vec<i64>) =
+                sorted_subsets(founders.iter().copied().zip(ids.iter().copied()))
+                    .into_iter()
+                    .unzip();
             c.execute(
                 "INSERT INTO group_subsets (threshold, subset, group_id) \
                  SELECT $1, s, g FROM unnest($2::bytea[], $3::bigint[]) AS u(s, g)",
