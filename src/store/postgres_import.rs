@@ -42,8 +42,12 @@ impl PgStore {
             )
             .await
             .map_err(unavailable)?;
+        // A batch is one statement per table for up to --batch lines: the
+        // pool's 10 s statement timeout (meant for requests) would cancel
+        // a large one on a busy server. The operator stops an import that
+        // is stuck; a cancelled batch is rolled back and re-run.
         client
-            .batch_execute("SET lock_timeout = 10000")
+            .batch_execute("SET lock_timeout = 10000; SET statement_timeout = 0")
             .await
             .map_err(unavailable)?;
         Ok(PgImportSession {
