@@ -173,9 +173,10 @@ pub struct Settings {
     /// comma-separated).
     #[arg(long, env = "COHORT_JWT_PREVIOUS_SECRETS_FILE")]
     pub jwt_previous_secrets_file: Option<PathBuf>,
-    /// PEM file of certificate authorities to trust for TLS to Postgres
-    /// (`sslmode=verify-ca|verify-full`) and Redis (`rediss://`), besides
-    /// the system's. A DATABASE_URL's own `sslrootcert` wins for Postgres.
+    /// PEM file of the certificate authorities to trust, instead of the
+    /// system's, for TLS to Postgres (`sslmode=verify-ca|verify-full`) and
+    /// Redis (`rediss://`). A DATABASE_URL's own `sslrootcert` wins for
+    /// Postgres.
     #[arg(long, env = "COHORT_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
     /// Proxies (IP addresses or CIDR blocks, comma-separated) whose

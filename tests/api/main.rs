@@ -7,6 +7,7 @@ mod helpers;
 mod account;
 mod cluster;
 mod concurrency;
+mod docs;
 mod failures;
 mod faults;
 mod group;
