@@ -207,24 +207,57 @@ impl RootSpanBuilder for RootSpan {
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(trace_id)
-            .unwrap_or("");
-        tracing::info_span!(
-            "request",
-            request_id = %request_id,
-            trace_id = %trace,
-            client_ip = %client,
-            method = %request.method(),
-            route = tracing::field::Empty,
-            status = tracing::field::Empty,
-        )
+            .map(str::to_owned);
+        let span = if crate::otel::enabled() {
+            // Exported: named "METHOD /route", as OpenTelemetry's HTTP
+            // conventions name server spans.
+            let route = request.match_pattern();
+            tracing::info_span!(
+                "request",
+                request_id = %request_id,
+                trace_id = tracing::field::Empty,
+                client_ip = %client,
+                method = %request.method(),
+                route = tracing::field::Empty,
+                status = tracing::field::Empty,
+                otel.kind = "server",
+                otel.name = %format_args!(
+                    "{} {}",
+                    request.method(),
+                    route.as_deref().unwrap_or("unmatched")
+                ),
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::info_span!(
+                "request",
+                request_id = %request_id,
+                trace_id = tracing::field::Empty,
+                client_ip = %client,
+                method = %request.method(),
+                route = tracing::field::Empty,
+                status = tracing::field::Empty,
+            )
+        };
+        // The caller's span (W3C traceparent) is this one's parent; the log
+        // lines carry the trace id, the caller's or the one begun here.
+        let trace = crate::otel::link_request(&span, request.headers()).or(trace);
+        span.record("trace_id", trace.as_deref().unwrap_or(""));
+        span
     }
 
     fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
-        let status = match outcome {
-            Ok(res) => res.status(),
-            Err(e) => e.as_response_error().status_code(),
+        let (status, route) = match outcome {
+            Ok(res) => (res.status(), res.request().match_pattern()),
+            Err(e) => (e.as_response_error().status_code(), None),
         };
         span.record("status", status.as_u16());
+        if let Some(route) = &route {
+            span.record("route", route.as_str());
+        }
+        if status.is_server_error() && crate::otel::enabled() {
+            span.record("otel.status_code", "ERROR");
+        }
     }
 }
 
