@@ -13,6 +13,7 @@ mod group;
 mod import;
 mod index;
 mod methods;
+mod observability;
 mod openapi;
 mod ops;
 mod properties;
