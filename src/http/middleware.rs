@@ -208,37 +208,37 @@ impl RootSpanBuilder for RootSpan {
             .and_then(|v| v.to_str().ok())
             .and_then(trace_id)
             .map(str::to_owned);
-        let span = if crate::otel::enabled() {
-            // Exported: named "METHOD /route", as OpenTelemetry's HTTP
-            // conventions name server spans.
-            let route = request.match_pattern();
-            tracing::info_span!(
+        if !crate::otel::enabled() {
+            // As ever: no tracing exported, nothing more to do per request.
+            return tracing::info_span!(
                 "request",
                 request_id = %request_id,
-                trace_id = tracing::field::Empty,
+                trace_id = %trace.as_deref().unwrap_or(""),
                 client_ip = %client,
                 method = %request.method(),
                 route = tracing::field::Empty,
                 status = tracing::field::Empty,
-                otel.kind = "server",
-                otel.name = %format_args!(
-                    "{} {}",
-                    request.method(),
-                    route.as_deref().unwrap_or("unmatched")
-                ),
-                otel.status_code = tracing::field::Empty,
-            )
-        } else {
-            tracing::info_span!(
-                "request",
-                request_id = %request_id,
-                trace_id = tracing::field::Empty,
-                client_ip = %client,
-                method = %request.method(),
-                route = tracing::field::Empty,
-                status = tracing::field::Empty,
-            )
-        };
+            );
+        }
+        // Exported: named "METHOD /route", as OpenTelemetry's HTTP
+        // conventions name server spans.
+        let route = request.match_pattern();
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id,
+            trace_id = tracing::field::Empty,
+            client_ip = %client,
+            method = %request.method(),
+            route = route.as_deref().unwrap_or("unmatched"),
+            status = tracing::field::Empty,
+            otel.kind = "server",
+            otel.name = %format_args!(
+                "{} {}",
+                request.method(),
+                route.as_deref().unwrap_or("unmatched")
+            ),
+            otel.status_code = tracing::field::Empty,
+        );
         // The caller's span (W3C traceparent) is this one's parent; the log
         // lines carry the trace id, the caller's or the one begun here.
         let trace = crate::otel::link_request(&span, request.headers()).or(trace);
@@ -247,14 +247,11 @@ impl RootSpanBuilder for RootSpan {
     }
 
     fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
-        let (status, route) = match outcome {
-            Ok(res) => (res.status(), res.request().match_pattern()),
-            Err(e) => (e.as_response_error().status_code(), None),
+        let status = match outcome {
+            Ok(res) => res.status(),
+            Err(e) => e.as_response_error().status_code(),
         };
         span.record("status", status.as_u16());
-        if let Some(route) = &route {
-            span.record("route", route.as_str());
-        }
         if status.is_server_error() && crate::otel::enabled() {
             span.record("otel.status_code", "ERROR");
         }
