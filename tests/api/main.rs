@@ -14,6 +14,7 @@ mod group;
 mod import;
 mod index;
 mod methods;
+mod observability;
 mod openapi;
 mod ops;
 mod properties;
