@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::{MAX_TOKEN_TTL_SECS, MIN_SECRET_BYTES};
 use crate::domain::{AttributeRules, Threshold};
@@ -13,7 +13,8 @@ use crate::domain::{AttributeRules, Threshold};
 #[command(
     name = "cohort",
     version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("COHORT_GIT_COMMIT"), ")"),
-    about = "Places every new user into a group of people like them."
+    about = "Places every new user into a group of people like them.",
+    after_help = SERVE_EXIT
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -26,6 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server (applies pending migrations first).
+    #[command(after_help = SERVE_EXIT)]
     Serve {
         /// Do not apply migrations at start-up.
         #[arg(long)]
@@ -34,6 +36,7 @@ pub enum Command {
         settings: Settings,
     },
     /// Apply pending migrations and exit.
+    #[command(after_help = MIGRATE_EXIT)]
     Migrate {
         #[command(flatten)]
         settings: Settings,
@@ -41,6 +44,7 @@ pub enum Command {
     /// Bring the shared group index level with the system of record, then
     /// exit. Idempotent; quick when the index is already current. Serving
     /// replicas go on meanwhile.
+    #[command(after_help = REINDEX_EXIT)]
     Reindex {
         /// Drop the index first and build it anew (also resizes its buckets
         /// to the population). Signups decide from the database meanwhile.
@@ -52,6 +56,7 @@ pub enum Command {
     /// Change the deployment's match threshold: rebuilds the subset table and
     /// marks the index for a rebuild. Existing groups keep their members;
     /// replicas still configured with the old threshold refuse signups.
+    #[command(after_help = SET_THRESHOLD_EXIT)]
     SetThreshold {
         /// The new threshold.
         threshold: usize,
@@ -59,7 +64,12 @@ pub enum Command {
         settings: Settings,
     },
     /// Compare the group index with the system of record; exit 0 when they agree.
+    #[command(after_help = VERIFY_EXIT)]
     Verify {
+        /// Print the report as one JSON object (on standard output, whatever
+        /// the exit code).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         settings: Settings,
     },
@@ -67,6 +77,7 @@ pub enum Command {
     /// the groups one-at-a-time signups in file order would give, beside
     /// live signups. Resumable: run it again to import what is left. Exit 0
     /// all imported, 1 some lines rejected, 2 could not run.
+    #[command(after_help = IMPORT_EXIT)]
     Import {
         /// The file: one JSON object a line, {"username", "attributes", and
         /// "password" or "password_hash" (argon2id PHC)}.
@@ -88,6 +99,7 @@ pub enum Command {
     /// commonest attributes (a scan of every user: seconds at millions).
     /// Read-only, from one snapshot; in embedded mode it reads the SQLite
     /// file beside a running server. Exit 0, or 2 when it could not run.
+    #[command(after_help = STATS_EXIT)]
     Stats {
         /// Print as JSON.
         #[arg(long)]
@@ -98,7 +110,39 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Print a shell completion script, to source or to install where the
+    /// shell looks for them (e.g. `cohort completions bash >
+    /// /etc/bash_completion.d/cohort`).
+    #[command(after_help = COMPLETIONS_EXIT)]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
+
+// Every command's exit codes, shown at the end of its --help. Usage errors
+// (an unknown flag, a bad value) exit 2, as clap does.
+const SERVE_EXIT: &str = "Exit codes:\n  0  stopped cleanly (SIGTERM or SIGINT, requests in flight finished)\n  \
+1  failed to start (a port taken, a database unreachable...) or while running\n  \
+2  invalid flags or configuration";
+const MIGRATE_EXIT: &str = "Exit codes:\n  0  migrations applied (or none pending)\n  \
+1  failed (database unreachable, a migration failed)\n  2  invalid flags or configuration";
+const REINDEX_EXIT: &str = "Exit codes:\n  0  the index is level with the database\n  \
+1  failed (Postgres or Redis unreachable, wrong threshold)\n  \
+2  invalid flags or configuration\n  3  another process is syncing the index right now";
+const SET_THRESHOLD_EXIT: &str = "Exit codes:\n  0  threshold changed\n  \
+1  failed (database unreachable, embedded mode, invalid threshold)\n  \
+2  invalid flags or configuration";
+const VERIFY_EXIT: &str = "Exit codes:\n  0  index and database agree (or embedded mode: nothing to verify)\n  \
+1  they differ (each difference is reported)\n  \
+2  could not run (invalid configuration, Postgres or Redis unreachable)";
+const IMPORT_EXIT: &str = "Exit codes:\n  0  every line imported\n  \
+1  some lines rejected (listed in the reject file)\n  \
+2  could not run (invalid configuration, unreadable file, database unreachable)";
+const STATS_EXIT: &str = "Exit codes:\n  0  statistics printed\n  \
+2  could not run (invalid configuration, database unreachable)";
+const COMPLETIONS_EXIT: &str = "Exit codes:\n  0  script printed\n  2  unknown shell";
 
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
@@ -158,8 +202,8 @@ pub struct Settings {
     #[arg(long, env = "COHORT_WORKERS")]
     pub workers: Option<usize>,
     /// Log format: auto (readable on a terminal, JSON otherwise), json or pretty.
-    #[arg(long, env = "COHORT_LOG_FORMAT", default_value = "auto")]
-    pub log_format: String,
+    #[arg(long, env = "COHORT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
     /// A file holding COHORT_JWT_SECRET (the Kubernetes convention for
     /// mounted secrets); trailing newlines are ignored.
     #[arg(long, env = "COHORT_JWT_SECRET_FILE")]
@@ -179,9 +223,10 @@ pub struct Settings {
     /// comma-separated).
     #[arg(long, env = "COHORT_JWT_PREVIOUS_SECRETS_FILE")]
     pub jwt_previous_secrets_file: Option<PathBuf>,
-    /// PEM file of certificate authorities to trust for TLS to Postgres
-    /// (`sslmode=verify-ca|verify-full`) and Redis (`rediss://`), besides
-    /// the system's. A DATABASE_URL's own `sslrootcert` wins for Postgres.
+    /// PEM file of the certificate authorities to trust, instead of the
+    /// system's, for TLS to Postgres (`sslmode=verify-ca|verify-full`) and
+    /// Redis (`rediss://`). A DATABASE_URL's own `sslrootcert` wins for
+    /// Postgres.
     #[arg(long, env = "COHORT_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
     /// Proxies (IP addresses or CIDR blocks, comma-separated) whose
@@ -200,6 +245,17 @@ pub struct Settings {
     /// worker threads); more wait in the listen backlog.
     #[arg(long, env = "COHORT_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Readable on a terminal, JSON otherwise.
+    Auto,
+    /// One JSON object a line.
+    Json,
+    /// Readable text.
+    Pretty,
 }
 
 /// Which backing services to use, decided by what is configured.
@@ -256,9 +312,6 @@ impl Settings {
         }
         if self.db_pool_size == 0 {
             return Err("COHORT_DB_POOL_SIZE must be at least 1".into());
-        }
-        if !matches!(self.log_format.as_str(), "auto" | "json" | "pretty") {
-            return Err("COHORT_LOG_FORMAT must be auto, json or pretty".into());
         }
         self.jwt_secret = from_file(
             "COHORT_JWT_SECRET",

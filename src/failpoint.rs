@@ -7,6 +7,10 @@
 //! `signup:in-transaction` (after the inserts, before COMMIT),
 //! `signup:committed` (after COMMIT, before the index add),
 //! `signup:published` (after the add, before the answer).
+//!
+//! `NAME=panic` (`COHORT_FAILPOINTS=signup:decided=panic`) panics there
+//! instead: the request fails, the process goes on (to test how panics are
+//! logged).
 
 use std::sync::OnceLock;
 
@@ -25,10 +29,15 @@ fn armed() -> &'static [String] {
     })
 }
 
-/// Aborts the process if `name` is armed.
+/// Aborts the process if `name` is armed (panics if armed `=panic`).
 pub fn hit(name: &str) {
-    if armed().iter().any(|p| p == name) {
-        eprintln!("cohort: failpoint {name} reached: aborting");
-        std::process::abort();
+    for p in armed() {
+        if p == name {
+            eprintln!("cohort: failpoint {name} reached: aborting");
+            std::process::abort();
+        }
+        if p.strip_suffix("=panic") == Some(name) {
+            panic!("failpoint {name} reached");
+        }
     }
 }

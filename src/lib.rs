@@ -18,6 +18,7 @@ pub mod failpoint;
 pub mod http;
 pub mod import;
 pub mod index;
+pub mod otel;
 pub mod ratelimit;
 pub mod service;
 pub mod signup;

@@ -1,4 +1,5 @@
-//! The command line: `serve` (the default), `migrate`, `reindex`, `verify`.
+//! The command line: `serve` (the default), `migrate`, `reindex`, `verify`,
+//! `set-threshold`, `import`, `stats`, `completions`.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -26,6 +27,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Completions { shell }) = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(shell, &mut Cli::command(), "cohort", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let command = cli.command.unwrap_or(Command::Serve {
         no_migrate: false,
         settings: cli.settings,
@@ -34,10 +40,11 @@ async fn main() -> ExitCode {
         Command::Serve { settings, .. } => ("serve", settings),
         Command::Migrate { settings } => ("migrate", settings),
         Command::Reindex { settings, .. } => ("reindex", settings),
-        Command::Verify { settings } => ("verify", settings),
+        Command::Verify { settings, .. } => ("verify", settings),
         Command::SetThreshold { settings, .. } => ("set-threshold", settings),
         Command::Import { settings, .. } => ("import", settings),
         Command::Stats { settings, .. } => ("stats", settings),
+        Command::Completions { .. } => unreachable!("handled above"),
     };
     let config = match settings.clone().validate() {
         Ok(c) => c,
@@ -46,12 +53,19 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.settings.log_format, name != "serve");
+    // Flushes the spans still queued when dropped, at the end of main.
+    let _traces = match init_logging(config.settings.log_format, name != "serve") {
+        Ok(g) => g,
+        Err(msg) => {
+            eprintln!("cohort: {msg}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match command {
         Command::Serve { no_migrate, .. } => serve(config, !no_migrate).await,
         Command::Migrate { .. } => migrate(config).await,
         Command::Reindex { from_scratch, .. } => reindex(config, from_scratch).await,
-        Command::Verify { .. } => verify(config).await,
+        Command::Verify { json, .. } => verify(config, json).await,
         Command::SetThreshold { threshold, .. } => set_threshold(config, threshold).await,
         Command::Import {
             file,
@@ -61,6 +75,7 @@ async fn main() -> ExitCode {
             ..
         } => import(config, file, rejects, batch, json).await,
         Command::Stats { json, top, .. } => stats(config, json, top).await,
+        Command::Completions { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,
@@ -211,21 +226,78 @@ async fn set_threshold(config: Config, threshold: usize) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-async fn verify(config: Config) -> anyhow::Result<ExitCode> {
-    let Some(store) = pg(&config)? else {
-        println!(
-            "embedded mode: the in-process index is rebuilt from the database at every start; nothing to verify"
-        );
-        return Ok(ExitCode::SUCCESS);
+/// `cohort verify --json`'s report: one object on standard output.
+#[derive(serde::Serialize)]
+struct VerifyJson {
+    /// "agree", "differ" or "error" (exit 0, 1, 2).
+    result: &'static str,
+    /// "distributed" or "embedded" (nothing to verify there).
+    mode: &'static str,
+    groups_checked: u64,
+    problems: Vec<String>,
+    /// Why it could not run (result "error").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn verify(config: Config, json: bool) -> anyhow::Result<ExitCode> {
+    let print = |r: &VerifyJson| match serde_json::to_string(r) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("cohort: {e}"),
     };
-    let index = redis(&config)?;
-    let report = index.verify(&store).await?;
-    if report.problems.is_empty() {
+    // None: embedded mode, nothing to verify.
+    let outcome = async {
+        let Some(store) = pg(&config)? else {
+            return Ok(None);
+        };
+        anyhow::Ok(Some(redis(&config)?.verify(&store).await?))
+    }
+    .await;
+    let report = match outcome {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            if json {
+                print(&VerifyJson {
+                    result: "agree",
+                    mode: "embedded",
+                    groups_checked: 0,
+                    problems: vec![],
+                    error: None,
+                });
+            } else {
+                println!(
+                    "embedded mode: the in-process index is rebuilt from the database at every start; nothing to verify"
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) if json => {
+            tracing::error!(error = format!("{e:#}"), "cohort verify failed");
+            print(&VerifyJson {
+                result: "error",
+                mode: "distributed",
+                groups_checked: 0,
+                problems: vec![],
+                error: Some(format!("{e:#}")),
+            });
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e),
+    };
+    let agree = report.problems.is_empty();
+    if json {
+        print(&VerifyJson {
+            result: if agree { "agree" } else { "differ" },
+            mode: "distributed",
+            groups_checked: report.groups_checked,
+            problems: report.problems,
+            error: None,
+        });
+    } else if agree {
         println!(
             "index and database agree ({} groups checked)",
             report.groups_checked
         );
-        Ok(ExitCode::SUCCESS)
     } else {
         println!(
             "index and database differ ({} groups checked, {} problems):",
@@ -235,8 +307,12 @@ async fn verify(config: Config) -> anyhow::Result<ExitCode> {
         for p in &report.problems {
             println!("- {p}");
         }
-        Ok(ExitCode::FAILURE)
     }
+    Ok(if agree {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn import(

@@ -41,6 +41,8 @@ pub struct RedisLimiter {
     /// own, which is looser (N replicas, N times the attempts) but never
     /// open.
     fallback: MemoryLimiter,
+    /// Times each call (`cohort_redis_call_seconds`), each in a span.
+    timer: crate::telemetry::CallTimer,
 }
 
 impl RedisLimiter {
@@ -50,8 +52,25 @@ impl RedisLimiter {
             prefix: format!("{prefix}rl:"),
             hit: redis::Script::new(HIT_LUA),
             fallback: MemoryLimiter::default(),
+            timer: crate::telemetry::CallTimer::default(),
         }
     }
+
+    /// Observes each call's duration in `histogram`, by operation.
+    pub fn with_call_metrics(mut self, histogram: prometheus::HistogramVec) -> Self {
+        self.timer = crate::telemetry::CallTimer::new(histogram);
+        self
+    }
+}
+
+fn span(operation: &'static str) -> tracing::Span {
+    tracing::debug_span!(
+        "redis",
+        operation,
+        otel.name = %format_args!("redis.{operation}"),
+        otel.kind = "client",
+        db.system.name = "redis",
+    )
 }
 
 // The limiter fails open: Redis being down must not lock every user out of
@@ -60,21 +79,27 @@ impl RedisLimiter {
 impl RateLimiter for RedisLimiter {
     async fn reset(&self, key: &str) {
         let mut conn = self.conn.clone();
-        let _: redis::RedisResult<()> = redis::cmd("DEL")
-            .arg(format!("{}{key}", self.prefix))
-            .query_async(&mut conn)
+        let mut del = redis::cmd("DEL");
+        del.arg(format!("{}{key}", self.prefix));
+        let call = del.query_async::<()>(&mut conn);
+        let _ = self
+            .timer
+            .time("ratelimit_reset", span("ratelimit_reset"), call)
             .await;
         self.fallback.reset(key).await;
     }
 
     async fn hit(&self, key: &str, limit: u32, window: Duration) -> Option<u64> {
         let mut conn = self.conn.clone();
+        let mut invocation = self.hit.key(format!("{}{key}", self.prefix));
+        invocation.arg(limit).arg(window.as_secs().max(1));
         let res: redis::RedisResult<u64> = self
-            .hit
-            .key(format!("{}{key}", self.prefix))
-            .arg(limit)
-            .arg(window.as_secs().max(1))
-            .invoke_async(&mut conn)
+            .timer
+            .time(
+                "ratelimit_hit",
+                span("ratelimit_hit"),
+                invocation.invoke_async(&mut conn),
+            )
             .await;
         match res {
             Ok(0) => None,

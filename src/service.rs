@@ -42,10 +42,18 @@ pub struct GroupView {
 }
 
 /// Limiter keys carry no username in clear.
+///
+/// And there are at most 2^20 of each kind: an attacker spraying usernames
+/// and addresses cannot grow the throttle's keys (each under 100 bytes,
+/// expiring with its window) past ~100 MB per kind in Redis, where they
+/// live beside the group index. Two ids that share a slot share a counter,
+/// which only ever makes throttling stricter, and rarely: a slot is shared
+/// by accounts that are both under attack in the same 15 minutes.
 fn limiter_key(kind: &str, id: &str) -> String {
+    const SLOT_BITS: u32 = 20;
     let d = Sha256::digest(id.as_bytes());
-    let hex: String = d[..12].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{kind}:{hex}")
+    let slot = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) >> (32 - SLOT_BITS);
+    format!("{kind}:{slot:05x}")
 }
 
 impl Service {

@@ -49,6 +49,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument as _;
+
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
@@ -170,17 +172,31 @@ impl SignupProtocol {
         let attrs = &signup.attributes;
         let mut from_index = true;
         for _ in 0..MAX_ROUNDS {
-            // Step 2.
-            let (best, in_index) = match from_index {
-                true => match self.index.best(attrs).await {
-                    Ok(b) => (b, true),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "deciding from the store");
-                        (self.store.best_group(attrs).await?, false)
-                    }
-                },
-                false => (self.store.best_group(attrs).await?, false),
-            };
+            // Step 2, in a span of its own (exported with traces): where the
+            // decision was made, and whether it joins a group.
+            let span = tracing::debug_span!(
+                "index.decide",
+                operation = "decide",
+                source = tracing::field::Empty,
+                joins = tracing::field::Empty,
+            );
+            let (best, in_index) = async {
+                match from_index {
+                    true => match self.index.best(attrs).await {
+                        Ok(b) => Ok((b, true)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "deciding from the store");
+                            Ok((self.store.best_group(attrs).await?, false))
+                        }
+                    },
+                    false => Ok::<_, StoreError>((self.store.best_group(attrs).await?, false)),
+                }
+            }
+            .instrument(span.clone())
+            .await?;
+            span.record("source", if in_index { "index" } else { "database" });
+            span.record("joins", best.is_some());
+            drop(span);
             if !in_index && let Some(c) = &best {
                 // Repair: the store knows a group the index did not give us.
                 // Harmless if it was there; best effort, the keeper adds it

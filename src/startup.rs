@@ -86,7 +86,8 @@ pub async fn distributed(
             config.settings.db_pool_size,
             config.threshold,
         )
-        .map_err(|e| anyhow!(e))?,
+        .map_err(|e| anyhow!(e))?
+        .with_query_metrics(metrics.db_query_seconds.clone()),
     );
     if migrate {
         let n = pg.migrate().await.map_err(|e| anyhow!(e))?;
@@ -95,10 +96,10 @@ pub async fn distributed(
     let deployed = pg.ensure_deployment(config.threshold).await?;
     let redis_client = crate::tls::redis(redis_url, config.settings.tls_ca_file.as_deref())
         .map_err(|e| anyhow!(e))?;
-    let conn = Arc::new(RedisConn::with_client(
-        redis_client.clone(),
-        INDEX_RESPONSE_TIMEOUT,
-    ));
+    let conn = Arc::new(
+        RedisConn::with_client(redis_client.clone(), INDEX_RESPONSE_TIMEOUT)
+            .with_call_metrics(metrics.redis_call_seconds.clone()),
+    );
     let redis = Arc::new(RedisIndex::new(
         conn,
         &config.settings.redis_prefix,
@@ -134,7 +135,10 @@ pub async fn distributed(
             .count_decisions(metrics.decisions.clone()),
         store,
         shared_index: Some(shared),
-        limiter: Arc::new(RedisLimiter::new(limiter, &config.settings.redis_prefix)),
+        limiter: Arc::new(
+            RedisLimiter::new(limiter, &config.settings.redis_prefix)
+                .with_call_metrics(metrics.redis_call_seconds.clone()),
+        ),
         jwt_secret: jwt_secret.clone(),
         data_lock: None,
         embedded: None,

@@ -7,12 +7,19 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer, fmt};
+
+use crate::config::LogFormat;
 
 /// Installs the global subscriber once; later calls are ignored (tests).
 /// The server logs to stdout; one-shot commands log to stderr, so that their
-/// report on stdout stays clean.
-pub fn init_logging(format: &str, to_stderr: bool) {
+/// report on stdout stays clean. Log lines name the module (`target`), never
+/// a source file. When `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans are also
+/// exported (see `crate::otel`): keep the guard until exit, it flushes them.
+pub fn init_logging(format: LogFormat, to_stderr: bool) -> Result<crate::otel::Guard, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let writer = move || -> Box<dyn std::io::Write> {
         if to_stderr {
@@ -24,28 +31,231 @@ pub fn init_logging(format: &str, to_stderr: bool) {
     use std::io::IsTerminal;
     // `auto`: readable for a person at a terminal, JSON for a log pipeline.
     let pretty = match format {
-        "pretty" => true,
-        "auto" => {
+        LogFormat::Pretty => true,
+        LogFormat::Auto => {
             if to_stderr {
                 std::io::stderr().is_terminal()
             } else {
                 std::io::stdout().is_terminal()
             }
         }
-        _ => false,
+        LogFormat::Json => false,
     };
-    let result = if pretty {
-        fmt().with_env_filter(filter).with_writer(writer).try_init()
-    } else {
-        fmt()
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_env_filter(filter)
+    let mut layers: Vec<Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>> =
+        Vec::with_capacity(2);
+    layers.push(if pretty {
+        fmt::layer()
             .with_writer(writer)
-            .try_init()
-    };
-    let _ = result;
+            .with_file(false)
+            .with_line_number(false)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        fmt::layer()
+            .fmt_fields(fmt::format::JsonFields::new())
+            .event_format(JsonLine)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed()
+    });
+    let mut guard = crate::otel::Guard::none();
+    if crate::otel::configured() {
+        let (provider, g) = crate::otel::provider()?;
+        guard = g;
+        // Its own filter: cohort's spans down to DEBUG (the Postgres and
+        // Redis calls, the index decision), whatever RUST_LOG keeps in the
+        // log. Unset, those spans are disabled where they are created.
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(crate::otel::tracer(&provider))
+                .with_location(false)
+                .with_context_activation(false)
+                .with_filter(Targets::new().with_target("cohort", tracing::Level::DEBUG))
+                .boxed(),
+        );
+    }
+    if tracing_subscriber::registry()
+        .with(layers)
+        .try_init()
+        .is_ok()
+    {
+        install_panic_hook();
+    }
+    Ok(guard)
+}
+
+/// One JSON object a line: `timestamp`, `level`, `fields`, `target` and the
+/// current `span`'s fields (with its `name`), as tracing-subscriber's JSON
+/// format writes them, but without the `log.file` and `log.line` fields it
+/// keeps from `log` records (refinery's, deadpool's...): paths on the build
+/// machine.
+struct JsonLine;
+
+impl<S, N> fmt::FormatEvent<S, N> for JsonLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &fmt::FmtContext<'_, S, N>,
+        mut writer: fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing_log::NormalizeEvent as _;
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        let mut fields = JsonVisitor(serde_json::Map::new());
+        event.record(&mut fields);
+        let timestamp = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        write!(
+            writer,
+            "{{\"timestamp\":{},\"level\":{},\"fields\":{},\"target\":{}",
+            json(&timestamp),
+            json(meta.level().as_str()),
+            serde_json::Value::Object(fields.0),
+            json(meta.target()),
+        )?;
+        let span = event
+            .parent()
+            .and_then(|id| ctx.span(id))
+            .or_else(|| ctx.lookup_current());
+        if let Some(span) = span {
+            let ext = span.extensions();
+            let mut map = ext
+                .get::<fmt::FormattedFields<N>>()
+                .and_then(|f| serde_json::from_str::<serde_json::Value>(f).ok())
+                .and_then(|v| match v {
+                    serde_json::Value::Object(m) => Some(m),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            map.insert("name".into(), span.name().into());
+            write!(writer, ",\"span\":{}", serde_json::Value::Object(map))?;
+        }
+        writeln!(writer, "}}")
+    }
+}
+
+/// A string or number as JSON (they never fail to serialize).
+fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// An event's fields as JSON, without the `log.*` ones.
+struct JsonVisitor(serde_json::Map<String, serde_json::Value>);
+
+impl JsonVisitor {
+    fn put(&mut self, field: &tracing::field::Field, value: serde_json::Value) {
+        if !field.name().starts_with("log.") {
+            self.0.insert(field.name().to_owned(), value);
+        }
+    }
+}
+
+impl tracing::field::Visit for JsonVisitor {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.put(field, value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.put(field, value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.put(field, value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.put(field, value.into());
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.put(field, value.into());
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.put(field, format!("{value:?}").into());
+    }
+}
+
+/// Panics go to the log as one ERROR line with their message and thread,
+/// without the source location (a path on the build machine for a
+/// dependency's panic) or a backtrace.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let thread = std::thread::current();
+        tracing::error!(
+            panic = message,
+            thread = thread.name().unwrap_or("unnamed"),
+            "panicked"
+        );
+    }));
+}
+
+/// Times calls to a backend (Postgres, Redis) by operation, each in a
+/// DEBUG span (exported with traces; disabled, so free, otherwise). The
+/// operation is one of a fixed set of names, never built from a request.
+#[derive(Clone, Default)]
+pub struct CallTimer(Option<HistogramVec>);
+
+impl CallTimer {
+    pub fn new(histogram: HistogramVec) -> Self {
+        Self(Some(histogram))
+    }
+
+    /// Observes the time until the guard is dropped under `operation`.
+    pub fn start(&self, operation: &'static str) -> Timing<'_> {
+        Timing {
+            histogram: self.0.as_ref(),
+            operation,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Runs `call` in `span`, observing its duration under `operation`.
+    pub async fn time<T>(
+        &self,
+        operation: &'static str,
+        span: tracing::Span,
+        call: impl std::future::Future<Output = T>,
+    ) -> T {
+        use tracing::Instrument as _;
+        let started = std::time::Instant::now();
+        let out = call.instrument(span).await;
+        if let Some(h) = &self.0 {
+            h.with_label_values(&[operation])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        out
+    }
+}
+
+/// A call being timed (see [`CallTimer::start`]).
+pub struct Timing<'a> {
+    histogram: Option<&'a HistogramVec>,
+    operation: &'static str,
+    started: std::time::Instant,
+}
+
+impl Drop for Timing<'_> {
+    fn drop(&mut self) {
+        if let Some(h) = self.histogram {
+            h.with_label_values(&[self.operation])
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Buckets for one Postgres query or Redis call: from 100 us (a Redis
+/// round trip on loopback) to 10 s (the statement timeout), about x2.5 a
+/// step.
+fn backend_buckets() -> Vec<f64> {
+    vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ]
 }
 
 #[derive(Clone)]
@@ -66,6 +276,8 @@ pub struct Metrics {
     pub db_pool_available: IntGauge,
     pub db_pool_waiting: IntGauge,
     pub group_sizes: GroupSizeMetrics,
+    pub db_query_seconds: HistogramVec,
+    pub redis_call_seconds: HistogramVec,
 }
 
 impl Default for Metrics {
@@ -162,6 +374,24 @@ impl Metrics {
             "Requests waiting for a database connection.",
         )
         .unwrap();
+        let db_query_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "cohort_db_query_seconds",
+                "Time of one Postgres operation (connection checkout included), by operation.",
+            )
+            .buckets(backend_buckets()),
+            &["operation"],
+        )
+        .unwrap();
+        let redis_call_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "cohort_redis_call_seconds",
+                "Time of one Redis call (a command, script or pipeline), by operation.",
+            )
+            .buckets(backend_buckets()),
+            &["operation"],
+        )
+        .unwrap();
         let build_info = IntGaugeVec::new(
             Opts::new("cohort_build_info", "Build information; always 1."),
             &["version", "commit"],
@@ -185,6 +415,8 @@ impl Metrics {
             Box::new(db_pool_size.clone()),
             Box::new(db_pool_available.clone()),
             Box::new(db_pool_waiting.clone()),
+            Box::new(db_query_seconds.clone()),
+            Box::new(redis_call_seconds.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -218,6 +450,8 @@ impl Metrics {
             db_pool_available,
             db_pool_waiting,
             group_sizes,
+            db_query_seconds,
+            redis_call_seconds,
         }
     }
 

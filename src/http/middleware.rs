@@ -207,16 +207,43 @@ impl RootSpanBuilder for RootSpan {
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(trace_id)
-            .unwrap_or("");
-        tracing::info_span!(
+            .map(str::to_owned);
+        if !crate::otel::enabled() {
+            // As ever: no tracing exported, nothing more to do per request.
+            return tracing::info_span!(
+                "request",
+                request_id = %request_id,
+                trace_id = %trace.as_deref().unwrap_or(""),
+                client_ip = %client,
+                method = %request.method(),
+                route = tracing::field::Empty,
+                status = tracing::field::Empty,
+            );
+        }
+        // Exported: named "METHOD /route", as OpenTelemetry's HTTP
+        // conventions name server spans.
+        let route = request.match_pattern();
+        let span = tracing::info_span!(
             "request",
             request_id = %request_id,
-            trace_id = %trace,
+            trace_id = tracing::field::Empty,
             client_ip = %client,
             method = %request.method(),
-            route = tracing::field::Empty,
+            route = route.as_deref().unwrap_or("unmatched"),
             status = tracing::field::Empty,
-        )
+            otel.kind = "server",
+            otel.name = %format_args!(
+                "{} {}",
+                request.method(),
+                route.as_deref().unwrap_or("unmatched")
+            ),
+            otel.status_code = tracing::field::Empty,
+        );
+        // The caller's span (W3C traceparent) is this one's parent; the log
+        // lines carry the trace id, the caller's or the one begun here.
+        let trace = crate::otel::link_request(&span, request.headers()).or(trace);
+        span.record("trace_id", trace.as_deref().unwrap_or(""));
+        span
     }
 
     fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
@@ -225,6 +252,9 @@ impl RootSpanBuilder for RootSpan {
             Err(e) => e.as_response_error().status_code(),
         };
         span.record("status", status.as_u16());
+        if status.is_server_error() && crate::otel::enabled() {
+            span.record("otel.status_code", "ERROR");
+        }
     }
 }
 

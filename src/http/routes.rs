@@ -4,6 +4,7 @@ use actix_web::{HttpRequest, HttpResponse, http::header, web};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 use utoipa::ToSchema;
 
 use super::auth::Authenticated;
@@ -120,11 +121,15 @@ pub async fn signup(
     let client = client.key();
     // A task of its own: a client that hangs up must not cancel a signup
     // between its commit and its index add (the protocol would survive it,
-    // as it survives a crash, but there is no reason to make it).
+    // as it survives a crash, but there is no reason to make it). In the
+    // request's span: its log lines and trace spans are the request's.
     let svc = service.clone();
-    let outcome = tokio::spawn(async move { svc.signup(signup, client.as_deref(), key).await })
-        .await
-        .map_err(|e| AppError::Internal(format!("signup task failed: {e}")))??;
+    let outcome = tokio::spawn(
+        async move { svc.signup(signup, client.as_deref(), key).await }
+            .instrument(tracing::Span::current()),
+    )
+    .await
+    .map_err(|e| AppError::Internal(format!("signup task failed: {e}")))??;
     let replayed = matches!(outcome, Outcome::Replayed(_));
     let c = outcome.committed();
     let mut res = HttpResponse::Created();

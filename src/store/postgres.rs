@@ -15,6 +15,7 @@ use super::{
 use crate::domain::grouping::subset_keys;
 use crate::domain::{AttributeSet, GroupId, Threshold, UserId, Username};
 use crate::index::{Candidate, IndexError, IndexMarks, IndexSource, SyncLock};
+use crate::telemetry::CallTimer;
 
 mod embedded {
     refinery::embed_migrations!("migrations/postgres");
@@ -33,6 +34,8 @@ const BACKFILL_BATCH: usize = 5_000;
 pub struct PgStore {
     pool: Pool,
     t: Threshold,
+    /// Times every operation (`cohort_db_query_seconds`), each in a span.
+    timer: CallTimer,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -97,7 +100,17 @@ impl PgStore {
             .recycle_timeout(Some(Duration::from_secs(2)))
             .build()
             .map_err(|e| format!("cannot build the Postgres pool: {e}"))?;
-        Ok(Self { pool, t })
+        Ok(Self {
+            pool,
+            t,
+            timer: CallTimer::default(),
+        })
+    }
+
+    /// Observes each operation's duration in `histogram`, by operation.
+    pub fn with_query_metrics(mut self, histogram: prometheus::HistogramVec) -> Self {
+        self.timer = CallTimer::new(histogram);
+        self
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -140,13 +153,17 @@ fn username_from_row(s: String) -> Result<Username, StoreError> {
 
 #[async_trait]
 impl Store for PgStore {
+    #[tracing::instrument(level = "debug", name = "pg.ping", skip_all, fields(operation = "ping", otel.kind = "client", db.system.name = "postgresql"))]
     async fn ping(&self) -> Result<(), StoreError> {
+        let _timing = self.timer.start("ping");
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(unavailable)?;
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.username_taken", skip_all, fields(operation = "username_taken", otel.kind = "client", db.system.name = "postgresql"))]
     async fn username_taken(&self, username: &Username) -> Result<bool, StoreError> {
+        let _timing = self.timer.start("username_taken");
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -161,7 +178,9 @@ impl Store for PgStore {
         Ok(row.is_some())
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.ensure_deployment", skip_all, fields(operation = "ensure_deployment", otel.kind = "client", db.system.name = "postgresql"))]
     async fn ensure_deployment(&self, t: Threshold) -> Result<usize, StoreError> {
+        let _timing = self.timer.start("ensure_deployment");
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(unavailable)?;
         let created = tx
@@ -193,7 +212,9 @@ impl Store for PgStore {
         Ok(deployed as usize)
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.best_group", skip_all, fields(operation = "best_group", otel.kind = "client", db.system.name = "postgresql"))]
     async fn best_group(&self, attrs: &AttributeSet) -> Result<Option<Candidate>, StoreError> {
+        let _timing = self.timer.start("best_group");
         let client = self.client().await?;
         let keys = subset_keys(attrs, self.t);
         let rows = client
@@ -212,7 +233,9 @@ impl Store for PgStore {
         Ok(best_of(candidates, attrs, self.t))
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.commit_signup", skip_all, fields(operation = "commit_signup", otel.kind = "client", db.system.name = "postgresql"))]
     async fn commit_signup(&self, user: &NewUser) -> Result<Committed, StoreError> {
+        let _timing = self.timer.start("commit_signup");
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(unavailable)?;
         // KEY SHARE: blocks a threshold change (FOR UPDATE) until we commit,
@@ -336,7 +359,9 @@ impl Store for PgStore {
         })
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.replay", skip_all, fields(operation = "replay", otel.kind = "client", db.system.name = "postgresql"))]
     async fn replay(&self, key: &str) -> Result<Option<Replay>, StoreError> {
+        let _timing = self.timer.start("replay");
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -369,7 +394,9 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.credentials", skip_all, fields(operation = "credentials", otel.kind = "client", db.system.name = "postgresql"))]
     async fn credentials(&self, username: &Username) -> Result<Option<Credentials>, StoreError> {
+        let _timing = self.timer.start("credentials");
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -390,7 +417,9 @@ impl Store for PgStore {
         }))
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.credentials_of", skip_all, fields(operation = "credentials_of", otel.kind = "client", db.system.name = "postgresql"))]
     async fn credentials_of(&self, id: UserId) -> Result<Option<Credentials>, StoreError> {
+        let _timing = self.timer.start("credentials_of");
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -411,7 +440,9 @@ impl Store for PgStore {
         }))
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.set_password", skip_all, fields(operation = "set_password", otel.kind = "client", db.system.name = "postgresql"))]
     async fn set_password(&self, id: UserId, password_hash: &str) -> Result<bool, StoreError> {
+        let _timing = self.timer.start("set_password");
         let client = self.client().await?;
         let n = client
             .execute(
@@ -423,7 +454,9 @@ impl Store for PgStore {
         Ok(n == 1)
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.delete_user", skip_all, fields(operation = "delete_user", otel.kind = "client", db.system.name = "postgresql"))]
     async fn delete_user(&self, id: UserId) -> Result<bool, StoreError> {
+        let _timing = self.timer.start("delete_user");
         let client = self.client().await?;
         let n = client
             .execute(
@@ -438,7 +471,9 @@ impl Store for PgStore {
         Ok(n == 1)
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.user", skip_all, fields(operation = "user", otel.kind = "client", db.system.name = "postgresql"))]
     async fn user(&self, id: UserId) -> Result<Option<UserRecord>, StoreError> {
+        let _timing = self.timer.start("user");
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -460,7 +495,9 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.group", skip_all, fields(operation = "group", otel.kind = "client", db.system.name = "postgresql"))]
     async fn group(&self, id: GroupId) -> Result<Option<GroupInfo>, StoreError> {
+        let _timing = self.timer.start("group");
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -487,12 +524,14 @@ impl Store for PgStore {
         .transpose()
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.members", skip_all, fields(operation = "members", otel.kind = "client", db.system.name = "postgresql"))]
     async fn members(
         &self,
         group: GroupId,
         after: Option<UserId>,
         limit: usize,
     ) -> Result<Vec<Member>, StoreError> {
+        let _timing = self.timer.start("members");
         let client = self.client().await?;
         let rows = client
             .query(
@@ -518,12 +557,14 @@ impl Store for PgStore {
             .collect()
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.group_page", skip_all, fields(operation = "group_page", otel.kind = "client", db.system.name = "postgresql"))]
     async fn group_page(
         &self,
         user: UserId,
         after: Option<UserId>,
         limit: usize,
     ) -> Result<Option<GroupPage>, StoreError> {
+        let _timing = self.timer.start("group_page");
         let client = self.client().await?;
         // One statement, one row: the caller, its group, the count (at most
         // 16 shard rows) and the page (a keyset scan of the members index),
@@ -587,7 +628,9 @@ impl Store for PgStore {
         }))
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.counts", skip_all, fields(operation = "counts", otel.kind = "client", db.system.name = "postgresql"))]
     async fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let _timing = self.timer.start("counts");
         let client = self.client().await?;
         let row = client
             .query_one(
@@ -604,11 +647,13 @@ impl Store for PgStore {
         Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.groups_after", skip_all, fields(operation = "groups_after", otel.kind = "client", db.system.name = "postgresql"))]
     async fn groups_after(
         &self,
         after: Option<GroupId>,
         limit: usize,
     ) -> Result<Vec<(GroupId, AttributeSet)>, StoreError> {
+        let _timing = self.timer.start("groups_after");
         let client = self.client().await?;
         let rows = client
             .query(
@@ -721,7 +766,9 @@ impl PgStore {
     /// Changes the deployment's threshold: rebuilds the subset table for the
     /// new one and marks the Redis index dirty, in one transaction that
     /// waits for signups in flight. Existing groups stay as they are.
+    #[tracing::instrument(level = "debug", name = "pg.set_threshold", skip_all, fields(operation = "set_threshold", otel.kind = "client", db.system.name = "postgresql"))]
     pub async fn set_threshold(&self, t: Threshold) -> Result<(usize, u64), StoreError> {
+        let _timing = self.timer.start("set_threshold");
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(unavailable)?;
         let old: i32 = tx
@@ -777,10 +824,12 @@ impl IndexSource for PgStore {
         Ok(Store::groups_after(self, after, limit).await?)
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.unindexed_groups", skip_all, fields(operation = "unindexed_groups", otel.kind = "client", db.system.name = "postgresql"))]
     async fn unindexed_groups(
         &self,
         limit: usize,
     ) -> Result<Vec<(GroupId, AttributeSet)>, IndexError> {
+        let _timing = self.timer.start("unindexed_groups");
         let client = self.client().await?;
         let rows = client
             .query(
@@ -800,7 +849,9 @@ impl IndexSource for PgStore {
             .collect::<Result<Vec<_>, StoreError>>()?)
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.mark_indexed", skip_all, fields(operation = "mark_indexed", otel.kind = "client", db.system.name = "postgresql"))]
     async fn mark_indexed(&self, ids: &[GroupId]) -> Result<(), IndexError> {
+        let _timing = self.timer.start("mark_indexed");
         let client = self.client().await?;
         let ids: Vec<i64> = ids.iter().map(|g| g.0).collect();
         client
@@ -816,7 +867,9 @@ impl IndexSource for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.marks", skip_all, fields(operation = "marks", otel.kind = "client", db.system.name = "postgresql"))]
     async fn marks(&self) -> Result<IndexMarks, IndexError> {
+        let _timing = self.timer.start("marks");
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -845,7 +898,9 @@ impl IndexSource for PgStore {
             }))
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.mark_dirty", skip_all, fields(operation = "mark_dirty", otel.kind = "client", db.system.name = "postgresql"))]
     async fn mark_dirty(&self) -> Result<(), IndexError> {
+        let _timing = self.timer.start("mark_dirty");
         let client = self.client().await?;
         client
             .execute(
@@ -860,7 +915,9 @@ impl IndexSource for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.mark_synced", skip_all, fields(operation = "mark_synced", otel.kind = "client", db.system.name = "postgresql"))]
     async fn mark_synced(&self, dirty: i64, server: &str) -> Result<(), IndexError> {
+        let _timing = self.timer.start("mark_synced");
         let client = self.client().await?;
         client
             .execute(
@@ -872,7 +929,9 @@ impl IndexSource for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.lock_sync", skip_all, fields(operation = "lock_sync", otel.kind = "client", db.system.name = "postgresql"))]
     async fn lock_sync(&self) -> Result<Option<SyncLock>, IndexError> {
+        let _timing = self.timer.start("lock_sync");
         let client = self.client().await?;
         let got: bool = client
             .query_one(

@@ -51,7 +51,7 @@ pub fn settings() -> Settings {
         signin_max_failures: 5,
         signup_rate_limit: 0,
         workers: Some(1),
-        log_format: "json".into(),
+        log_format: cohort::config::LogFormat::Json,
         jwt_secret_file: None,
         database_url_file: None,
         redis_url_file: None,

@@ -15,6 +15,7 @@ use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::Mutex;
 
 use crate::index::IndexError;
+use crate::telemetry::CallTimer;
 
 /// How long a failed connection attempt is remembered: requests in that
 /// window fail at once instead of each waiting for a connect timeout.
@@ -25,6 +26,7 @@ pub struct RedisConn {
     config: AsyncConnectionConfig,
     state: Mutex<State>,
     generation: AtomicU64,
+    timer: CallTimer,
 }
 
 #[derive(Default)]
@@ -63,7 +65,19 @@ impl RedisConn {
             config,
             state: Mutex::new(State::default()),
             generation: AtomicU64::new(0),
+            timer: CallTimer::default(),
         }
+    }
+
+    /// Observes each call's duration in `histogram`, by operation.
+    pub fn with_call_metrics(mut self, histogram: prometheus::HistogramVec) -> Self {
+        self.timer = CallTimer::new(histogram);
+        self
+    }
+
+    /// Times the calls made on this connection.
+    pub fn timer(&self) -> &CallTimer {
+        &self.timer
     }
 
     /// The current connection, connecting if there is none.

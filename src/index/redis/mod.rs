@@ -110,23 +110,38 @@ impl RedisIndex {
     }
 
     /// Runs `f` on the current connection; a connection failure drops it.
-    async fn with_conn<T, F, Fut>(&self, f: F) -> Result<(T, u64), IndexError>
+    /// Timed as `operation` (`cohort_redis_call_seconds`), in a span.
+    async fn with_conn<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        f: F,
+    ) -> Result<(T, u64), IndexError>
     where
         F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let live = self.conn.get().await?;
-        match f(live.conn).await {
-            Ok(v) => Ok((v, live.generation)),
-            Err(e) => Err(self.conn.failed(live.generation, &e).await),
-        }
+        let span = tracing::debug_span!(
+            "redis",
+            operation,
+            otel.name = %format_args!("redis.{operation}"),
+            otel.kind = "client",
+            db.system.name = "redis",
+        );
+        let call = async {
+            let live = self.conn.get().await?;
+            match f(live.conn).await {
+                Ok(v) => Ok((v, live.generation)),
+                Err(e) => Err(self.conn.failed(live.generation, &e).await),
+            }
+        };
+        self.conn.timer().time(operation, span, call).await
     }
 
     /// The meta hash; None when it is missing (a new or flushed Redis).
     pub async fn meta(&self) -> Result<Option<Meta>, IndexError> {
         let key = self.meta_key();
         let ((state, buckets), _) = self
-            .with_conn(|mut c| async move {
+            .with_conn("meta", |mut c| async move {
                 redis::cmd("HMGET")
                     .arg(key)
                     .arg(&["state", "buckets"])
@@ -162,7 +177,7 @@ impl RedisIndex {
     pub async fn has_epoch_layout(&self) -> Result<bool, IndexError> {
         let key = self.meta_key();
         Ok(self
-            .with_conn(|mut c| async move {
+            .with_conn("has_epoch_layout", |mut c| async move {
                 redis::cmd("HEXISTS")
                     .arg(key)
                     .arg("epoch")
@@ -177,7 +192,7 @@ impl RedisIndex {
     /// the meta in force.
     pub async fn create_meta(&self, buckets: u32) -> Result<Meta, IndexError> {
         let key = self.meta_key();
-        self.with_conn(|mut c| async move {
+        self.with_conn("create_meta", |mut c| async move {
             redis::cmd("HSETNX")
                 .arg(&key)
                 .arg("buckets")
@@ -200,7 +215,7 @@ impl RedisIndex {
     pub async fn set_state(&self, ready: bool) -> Result<(), IndexError> {
         let key = self.meta_key();
         let state = if ready { "ready" } else { "building" };
-        self.with_conn(|mut c| async move {
+        self.with_conn("set_state", |mut c| async move {
             redis::cmd("HSET")
                 .arg(key)
                 .arg("state")
@@ -216,7 +231,7 @@ impl RedisIndex {
     pub async fn group_count(&self) -> Result<u64, IndexError> {
         let key = self.groups_key();
         Ok(self
-            .with_conn(|mut c| async move {
+            .with_conn("group_count", |mut c| async move {
                 redis::cmd("HLEN").arg(key).query_async::<u64>(&mut c).await
             })
             .await?
@@ -229,7 +244,7 @@ impl RedisIndex {
     /// connection it was read on.
     pub async fn server_identity(&self) -> Result<(String, u64), IndexError> {
         let (info, g) = self
-            .with_conn(|mut c| async move {
+            .with_conn("server_identity", |mut c| async move {
                 redis::cmd("INFO")
                     .arg("server")
                     .arg("replication")
@@ -266,7 +281,9 @@ impl RedisIndex {
                 inv.arg(&d[..FIELD_BYTES]);
             });
             let (reply, generation) = self
-                .with_conn(|mut c| async move { inv.invoke_async::<Vec<Value>>(&mut c).await })
+                .with_conn("decide", |mut c| async move {
+                    inv.invoke_async::<Vec<Value>>(&mut c).await
+                })
                 .await?;
             match reply.first().map(value_str).unwrap_or_default().as_str() {
                 "JOIN" => {
@@ -340,7 +357,7 @@ impl RedisIndex {
             let script = ADD_LUA;
             let replicas = self.replicas.load(Ordering::Relaxed);
             let ((replies, acked), _) = self
-                .with_conn(|mut c| async move {
+                .with_conn("add_groups", |mut c| async move {
                     // After a restart the script cache is empty: load first
                     // (idempotent, and cheap next to the pipeline).
                     redis::cmd("SCRIPT")
@@ -396,7 +413,7 @@ impl RedisIndex {
         self.buckets.store(0, Ordering::Relaxed);
         let pattern = format!("{}*", glob_escape(&self.base));
         let (n, _) = self
-            .with_conn(|mut c| async move {
+            .with_conn("drop_all", |mut c| async move {
                 let mut cursor: u64 = 0;
                 let mut dropped = 0u64;
                 // SCAN ends when its cursor comes back to 0: bounded.
