@@ -21,6 +21,8 @@
 //! Postgres (a scratch database is created and dropped) and redis-server
 //! (a private one is started on a free port).
 
+#[path = "support/memory_hashbrown.rs"]
+mod memory_hashbrown;
 #[path = "support/population.rs"]
 mod population;
 
@@ -77,6 +79,35 @@ fn build_groups(n: usize) -> Vec<(GroupId, AttributeSet)> {
     }
     eprintln!("population: {n} groups founded by {signups} signups");
     groups
+}
+
+/// How much of this process's memory the kernel backs with 2 MiB pages
+/// (transparent huge pages): the in-process index's figures depend on it.
+fn huge_pages() -> String {
+    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    format!(
+        "resident {}, of which in huge pages {}",
+        field("Rss:"),
+        field("AnonHugePages:")
+    )
+}
+
+/// How many distinct joiners each size cycles through
+/// (`COHORT_BENCH_QUERIES`, default 1,000). Few stay in the CPU's caches
+/// after the first round; 100,000 touch the index as a live stream of
+/// signups does, nearly every lookup a miss.
+fn queries_per_size() -> usize {
+    std::env::var("COHORT_BENCH_QUERIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000)
 }
 
 /// Joiners for a population of the first `n` groups.
@@ -282,7 +313,7 @@ fn main() {
     let mut loaded = 0;
     for &n in &sizes {
         let groups = &all[..n];
-        let queries = joiners(groups, 1_000);
+        let queries = joiners(groups, queries_per_size());
         let mut group = c.benchmark_group("assign");
         let mut i = 0;
 
@@ -294,7 +325,24 @@ fn main() {
             for (id, a) in groups {
                 memory.insert(*id, a.clone());
             }
+            eprintln!("memory/{n}: {}", huge_pages());
             group.bench_function(BenchmarkId::new("memory", n), |b| {
+                b.iter(|| {
+                    i = (i + 1) % queries.len();
+                    black_box(memory.best_now(&queries[i]))
+                })
+            });
+        }
+
+        if want("memory-hashbrown") {
+            // (b') the same index before its one-word-slot layout, in the
+            // same run (`support/memory_hashbrown.rs`).
+            let memory = memory_hashbrown::HashbrownIndex::new(threshold());
+            for (id, a) in groups {
+                memory.insert(*id, a.clone());
+            }
+            eprintln!("memory-hashbrown/{n}: {}", huge_pages());
+            group.bench_function(BenchmarkId::new("memory-hashbrown", n), |b| {
                 b.iter(|| {
                     i = (i + 1) % queries.len();
                     black_box(memory.best_now(&queries[i]))
