@@ -4,6 +4,7 @@
 
 use rustc_hash::FxHashMap;
 
+use crate::domain::grouping::SubsetKey;
 use crate::domain::{AttributeSet, GroupId, Threshold};
 use crate::index::Candidate;
 use crate::index::memory::MemoryIndex;
@@ -12,13 +13,13 @@ use crate::store::import::{ImportPlacement, Owner};
 
 /// The best committed group for a set of attributes.
 pub trait Committed {
-    fn best(&self, attrs: &AttributeSet, keys: &[Vec<u8>]) -> Option<Candidate>;
+    fn best(&self, attrs: &AttributeSet, keys: &[SubsetKey]) -> Option<Candidate>;
 }
 
 /// The whole committed population, in process (embedded mode: this process
 /// is the only writer).
 impl Committed for MemoryIndex {
-    fn best(&self, attrs: &AttributeSet, _keys: &[Vec<u8>]) -> Option<Candidate> {
+    fn best(&self, attrs: &AttributeSet, _keys: &[SubsetKey]) -> Option<Candidate> {
         self.best_now(attrs)
     }
 }
@@ -27,16 +28,20 @@ impl Committed for MemoryIndex {
 /// (distributed mode): every group the batch's users could join.
 pub struct OwnersOf {
     t: Threshold,
-    by_key: FxHashMap<Vec<u8>, Vec<usize>>,
+    by_key: FxHashMap<SubsetKey, Vec<usize>>,
     groups: Vec<(GroupId, AttributeSet)>,
 }
 
 impl OwnersOf {
     pub fn new(t: Threshold, owners: Vec<Owner>) -> Self {
-        let mut by_key: FxHashMap<Vec<u8>, Vec<usize>> = FxHashMap::default();
+        let mut by_key: FxHashMap<SubsetKey, Vec<usize>> = FxHashMap::default();
         let mut dense: FxHashMap<GroupId, usize> = FxHashMap::default();
         let mut groups = Vec::new();
         for (key, id, attrs) in owners {
+            // Keys are stored 16 bytes long; another length matches no key.
+            let Ok(key) = SubsetKey::try_from(&key[..]) else {
+                continue;
+            };
             let i = *dense.entry(id).or_insert_with(|| {
                 groups.push((id, attrs));
                 groups.len() - 1
@@ -56,7 +61,7 @@ impl OwnersOf {
 }
 
 impl Committed for OwnersOf {
-    fn best(&self, attrs: &AttributeSet, keys: &[Vec<u8>]) -> Option<Candidate> {
+    fn best(&self, attrs: &AttributeSet, keys: &[SubsetKey]) -> Option<Candidate> {
         let mut seen: Vec<usize> = Vec::new();
         for k in keys {
             if let Some(v) = self.by_key.get(k) {
@@ -84,9 +89,11 @@ const PROVISIONAL: i64 = i64::MAX / 2;
 pub fn decide<'a>(
     t: Threshold,
     committed: &dyn Committed,
-    users: impl IntoIterator<Item = (&'a AttributeSet, &'a [Vec<u8>])>,
+    users: impl IntoIterator<Item = (&'a AttributeSet, &'a [SubsetKey])>,
 ) -> Vec<ImportPlacement> {
-    let own = MemoryIndex::new(t);
+    let users = users.into_iter();
+    // Sized for the batch at once, rather than doubling through it.
+    let own = MemoryIndex::with_capacity(t, users.size_hint().0);
     let mut founded = 0usize;
     let mut out = Vec::new();
     for (attrs, keys) in users {
@@ -115,7 +122,7 @@ pub fn decide<'a>(
 mod tests {
     use super::*;
     use crate::domain::AttributeRules;
-    use crate::domain::grouping::{LinearScan, subset_keys};
+    use crate::domain::grouping::{LinearScan, subset_keys_fixed};
 
     fn set(a: &[&str]) -> AttributeSet {
         AttributeSet::parse(a, AttributeRules { min: 1, max: 16 }).unwrap()
@@ -148,7 +155,8 @@ mod tests {
             let mut next = 1;
             let mut got = Vec::new();
             for chunk in users.chunks(batch) {
-                let keys: Vec<Vec<Vec<u8>>> = chunk.iter().map(|u| subset_keys(u, t)).collect();
+                let keys: Vec<Vec<SubsetKey>> =
+                    chunk.iter().map(|u| subset_keys_fixed(u, t)).collect();
                 let placed = decide(t, &index, chunk.iter().zip(keys.iter().map(|k| &k[..])));
                 let mut founded = Vec::new();
                 for (u, p) in chunk.iter().zip(&placed) {
