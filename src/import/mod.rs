@@ -66,7 +66,10 @@
 //! The data directory's lock keeps every other process out (stop the
 //! server first), so the batch decides against the in-process index of all
 //! groups and commits in one SQLite transaction; nothing is marked, and the
-//! index learns the batch's groups after the commit. The session commits
+//! index learns the batch's groups after the commit. The batches' subset
+//! rows are written once, in key order, when the import ends (or by the
+//! next open of the store, if it was killed; `store::sqlite::import`).
+//! The session commits
 //! with `synchronous=NORMAL` (no fsync a batch): a killed process loses
 //! nothing, a power loss at most the last batches, whole, which a re-run
 //! imports (they have no import records); `finish` sets FULL again and runs

@@ -16,7 +16,7 @@ use super::{
     Committed, Credentials, GroupInfo, GroupPage, Member, NewUser, Plan, PoolStats, Replay, Store,
     StoreError, UserRecord, best_of,
 };
-use crate::domain::grouping::subset_keys;
+use crate::domain::grouping::{SubsetKey, subset_keys, subset_keys_fixed};
 use crate::domain::{AttributeSet, GroupId, Threshold, UserId, Username};
 use crate::index::Candidate;
 
@@ -74,6 +74,17 @@ impl SqliteStore {
         embedded::migrations::runner()
             .run(&mut conn)
             .map_err(|e| format!("migration of {} failed: {e}", path.display()))?;
+        if let Some(n) = complete_subsets(&mut conn).map_err(|e| {
+            format!(
+                "cannot complete the subset table of {}: {e}",
+                path.display()
+            )
+        })? {
+            tracing::info!(
+                groups = n,
+                "completed the subset table an interrupted import left pending"
+            );
+        }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             t,
@@ -135,6 +146,80 @@ fn backfill_subsets(tx: &rusqlite::Transaction<'_>, t: Threshold) -> Result<u64,
         }
     }
     Ok(rows.len() as u64)
+}
+
+/// Groups whose subset rows a drain reads, sorts and writes at a time: a
+/// few hundred MB of keys at most.
+const DRAIN_GROUPS: i64 = 250_000;
+
+/// Writes the subset rows of the groups an import left pending
+/// (`deployment.subsets_from`), in key order, and clears the mark, in one
+/// transaction; `None` when nothing was pending. Keys go in sorted, so the
+/// table is written page after page, once, where a batch's random keys
+/// dirtied nearly every page of it at every commit. A key already taken (no
+/// exact import makes one) goes to `group_subset_overlaps`, as a threshold
+/// change does: the group stays findable and nothing new can overlap it.
+pub(crate) fn complete_subsets(c: &mut Connection) -> Result<Option<u64>, StoreError> {
+    let pending: Option<(i64, i64)> = c
+        .query_row(
+            "SELECT subsets_from, threshold FROM deployment WHERE subsets_from IS NOT NULL",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(unavailable)?;
+    let Some((from, deployed)) = pending else {
+        return Ok(None);
+    };
+    let t = Threshold::new(deployed as usize, deployed as usize).map_err(corrupt)?;
+    let tx = c.transaction().map_err(unavailable)?;
+    let mut groups = 0u64;
+    {
+        let mut read = tx
+            .prepare("SELECT id, attributes FROM groups WHERE id >= ?1 AND id < ?2 ORDER BY id")
+            .map_err(unavailable)?;
+        let mut main = tx
+            .prepare(
+                "INSERT OR IGNORE INTO group_subsets (threshold, subset, group_id) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(unavailable)?;
+        let mut extra = tx
+            .prepare("INSERT OR IGNORE INTO group_subset_overlaps (threshold, subset, group_id) VALUES (?1, ?2, ?3)")
+            .map_err(unavailable)?;
+        let last: i64 = tx
+            .query_row("SELECT coalesce(max(id), 0) FROM groups", [], |r| r.get(0))
+            .map_err(unavailable)?;
+        let mut start = from;
+        while start <= last {
+            let end = start.saturating_add(DRAIN_GROUPS);
+            let mut rows: Vec<(SubsetKey, i64)> = Vec::new();
+            let mut q = read.query(params![start, end]).map_err(unavailable)?;
+            while let Some(r) = q.next().map_err(unavailable)? {
+                let id: i64 = r.get(0).map_err(unavailable)?;
+                let a: String = r.get(1).map_err(unavailable)?;
+                let attrs = attrs_from_json(&a)?;
+                rows.extend(subset_keys_fixed(&attrs, t).into_iter().map(|k| (k, id)));
+                groups += 1;
+            }
+            rows.sort_unstable_by_key(|&(k, _)| u128::from_be_bytes(k));
+            for (k, id) in rows {
+                if main
+                    .execute(params![deployed, &k[..], id])
+                    .map_err(unavailable)?
+                    == 0
+                {
+                    extra
+                        .execute(params![deployed, &k[..], id])
+                        .map_err(unavailable)?;
+                }
+            }
+            start = end;
+        }
+    }
+    tx.execute("UPDATE deployment SET subsets_from = NULL", [])
+        .map_err(unavailable)?;
+    tx.commit().map_err(unavailable)?;
+    Ok(Some(groups))
 }
 
 fn read_replay(c: &Connection, key: &str) -> Result<Option<Replay>, StoreError> {

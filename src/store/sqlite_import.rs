@@ -2,20 +2,30 @@
 //! connection and helpers). The data directory's lock already keeps every
 //! other process out, so a batch's transaction needs no lock of its own; it
 //! is `BEGIN IMMEDIATE` all the same, and the page cache is enlarged for
-//! the session (the subset table's keys are random, so a batch touches
-//! pages all over it).
+//! the session.
+//!
+//! The batches write no subset rows. Their keys are random, so inserting a
+//! batch's rows dirtied nearly every page of the subset table, and every
+//! commit wrote the table again (its WAL, then the checkpoint): the largest
+//! cost of an embedded import. Instead a batch records, in its own
+//! transaction, from which group id on the rows are pending
+//! (`deployment.subsets_from`), and `finish` writes them all, sorted, once
+//! (`complete_subsets`). Nothing decides from the table meanwhile: the
+//! import decides from the in-process index, and no server runs (the lock).
+//! If the import is killed, whoever opens the store next (the server, the
+//! import run again, `verify`) completes the table before anything else.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, attrs_from_json, attrs_to_json, is_unique, unavailable};
+use super::{
+    SqliteStore, attrs_from_json, attrs_to_json, complete_subsets, is_unique, unavailable,
+};
 use crate::domain::GroupId;
 use crate::store::StoreError;
-use crate::store::import::{
-    Existing, ImportPlacement, ImportSession, ImportUser, Owner, Written, sorted_subsets,
-};
+use crate::store::import::{Existing, ImportPlacement, ImportSession, ImportUser, Owner, Written};
 
 /// Page cache for an import session, in KiB (SQLite's negative form).
 const IMPORT_CACHE_KIB: i64 = 1 << 20;
@@ -145,7 +155,6 @@ impl ImportSession for SqliteImportSession {
 
     async fn write(&mut self, users: &[ImportUser]) -> Result<Written, StoreError> {
         let users = users.to_vec();
-        let t = self.store.t.get() as i64;
         self.store
             .with(move |c| {
                 let stamp = chrono::Utc::now().to_rfc3339();
@@ -161,11 +170,6 @@ impl ImportSession for SqliteImportSession {
                             "INSERT INTO groups (id, attributes, created_at) VALUES (?1, ?2, ?3)",
                         )
                         .map_err(unavailable)?;
-                    let mut subset = c
-                        .prepare_cached(
-                            "INSERT INTO group_subsets (threshold, subset, group_id) VALUES (?1, ?2, ?3)",
-                        )
-                        .map_err(unavailable)?;
                     for u in users.iter().filter(|u| u.placement == ImportPlacement::Found) {
                         let id = next + founded.len() as i64;
                         group
@@ -173,19 +177,15 @@ impl ImportSession for SqliteImportSession {
                             .map_err(unavailable)?;
                         founded.push(GroupId(id));
                     }
-                    let founders = users
-                        .iter()
-                        .filter(|u| u.placement == ImportPlacement::Found)
-                        .zip(founded.iter().map(|g| g.0));
-                    for (k, id) in sorted_subsets(founders) {
-                        subset.execute(params![t, k, id]).map_err(|e| {
-                            if is_unique(&e) {
-                                StoreError::Overlap
-                            } else {
-                                unavailable(e)
-                            }
-                        })?;
-                    }
+                }
+                // The subset rows wait for the end of the import (see the
+                // module's doc): from the batch's first group on, none yet.
+                if let Some(first) = founded.first() {
+                    c.execute(
+                        "UPDATE deployment SET subsets_from = coalesce(subsets_from, ?1)",
+                        [first.0],
+                    )
+                    .map_err(unavailable)?;
                 }
                 let mut user = c
                     .prepare_cached(
@@ -259,11 +259,15 @@ impl ImportSession for SqliteImportSession {
         Ok(())
     }
 
-    /// Back to FULL, and a checkpoint that syncs the WAL and the database:
-    /// when the import reports success, every batch is on disk.
+    /// The pending subset rows, then back to FULL and foreign keys on, and
+    /// a checkpoint that syncs the WAL and the database: when the import
+    /// reports success, every batch and the whole subset table are on disk.
     async fn finish(&mut self) -> Result<(), StoreError> {
         self.store
             .with(|c| {
+                if let Some(n) = complete_subsets(c)? {
+                    tracing::debug!(groups = n, "subset rows of the imported groups written");
+                }
                 c.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON")
                     .map_err(unavailable)?;
                 c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
