@@ -16,7 +16,7 @@ use super::{
     Committed, Credentials, GroupInfo, GroupPage, Member, NewUser, Plan, PoolStats, Replay, Store,
     StoreError, UserRecord, best_of,
 };
-use crate::domain::grouping::{SubsetKey, subset_keys, subset_keys_fixed};
+use crate::domain::grouping::{subset_keys, subset_keys_fixed};
 use crate::domain::{AttributeSet, GroupId, Threshold, UserId, Username};
 use crate::index::Candidate;
 
@@ -115,13 +115,28 @@ fn is_unique(e: &rusqlite::Error) -> bool {
 
 /// See `postgres::backfill_subsets`: the same, in the caller's transaction.
 fn backfill_subsets(tx: &rusqlite::Transaction<'_>, t: Threshold) -> Result<u64, StoreError> {
-    let mut stmt = tx
-        .prepare("SELECT id, attributes FROM groups ORDER BY id")
-        .map_err(unavailable)?;
-    let rows: Vec<(i64, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(unavailable)?
-        .collect::<Result<_, _>>()
+    write_subsets(tx, t, i64::MIN)
+}
+
+/// Groups whose subset rows `write_subsets` reads, sorts and writes at a
+/// time: a few hundred MB of keys at most.
+const SUBSET_CHUNK_GROUPS: i64 = 250_000;
+
+/// Writes the subset rows of the groups from id `from` on, in the caller's
+/// transaction. Keys go in sorted, so the table is written page after page
+/// where random keys would dirty nearly every page of it. A key already
+/// taken goes to `group_subset_overlaps` (the group stays findable and
+/// nothing new can overlap it): with keys sorted by (key, id) and chunks
+/// in id order, the smallest id keeps the main row, as an insert in id
+/// order would give.
+fn write_subsets(
+    tx: &rusqlite::Transaction<'_>,
+    t: Threshold,
+    from: i64,
+) -> Result<u64, StoreError> {
+    let deployed = t.get() as i64;
+    let mut read = tx
+        .prepare("SELECT id, attributes FROM groups WHERE id >= ?1 AND id < ?2 ORDER BY id")
         .map_err(unavailable)?;
     let mut main = tx
         .prepare(
@@ -131,34 +146,53 @@ fn backfill_subsets(tx: &rusqlite::Transaction<'_>, t: Threshold) -> Result<u64,
     let mut extra = tx
         .prepare("INSERT OR IGNORE INTO group_subset_overlaps (threshold, subset, group_id) VALUES (?1, ?2, ?3)")
         .map_err(unavailable)?;
-    for (id, a) in &rows {
-        let attrs = attrs_from_json(a)?;
-        for k in subset_keys(&attrs, t) {
+    let (first, last): (Option<i64>, Option<i64>) = tx
+        .query_row(
+            "SELECT min(id), max(id) FROM groups WHERE id >= ?1",
+            [from],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(unavailable)?;
+    let (Some(mut start), Some(last)) = (first, last) else {
+        return Ok(0);
+    };
+    let mut groups = 0u64;
+    while start <= last {
+        let end = start.saturating_add(SUBSET_CHUNK_GROUPS);
+        let mut rows: Vec<(u128, i64)> = Vec::new();
+        let mut q = read.query(params![start, end]).map_err(unavailable)?;
+        while let Some(r) = q.next().map_err(unavailable)? {
+            let id: i64 = r.get(0).map_err(unavailable)?;
+            let a: String = r.get(1).map_err(unavailable)?;
+            let attrs = attrs_from_json(&a)?;
+            rows.extend(
+                subset_keys_fixed(&attrs, t)
+                    .into_iter()
+                    .map(|k| (u128::from_be_bytes(k), id)),
+            );
+            groups += 1;
+        }
+        rows.sort_unstable();
+        for (k, id) in rows {
+            let k = k.to_be_bytes();
             if main
-                .execute(params![t.get() as i64, k, id])
+                .execute(params![deployed, &k[..], id])
                 .map_err(unavailable)?
                 == 0
             {
                 extra
-                    .execute(params![t.get() as i64, k, id])
+                    .execute(params![deployed, &k[..], id])
                     .map_err(unavailable)?;
             }
         }
+        start = end;
     }
-    Ok(rows.len() as u64)
+    Ok(groups)
 }
 
-/// Groups whose subset rows a drain reads, sorts and writes at a time: a
-/// few hundred MB of keys at most.
-const DRAIN_GROUPS: i64 = 250_000;
-
 /// Writes the subset rows of the groups an import left pending
-/// (`deployment.subsets_from`), in key order, and clears the mark, in one
-/// transaction; `None` when nothing was pending. Keys go in sorted, so the
-/// table is written page after page, once, where a batch's random keys
-/// dirtied nearly every page of it at every commit. A key already taken (no
-/// exact import makes one) goes to `group_subset_overlaps`, as a threshold
-/// change does: the group stays findable and nothing new can overlap it.
+/// (`deployment.subsets_from`, see `sqlite_import`) and clears the mark, in
+/// one transaction; `None` when nothing was pending.
 pub(crate) fn complete_subsets(c: &mut Connection) -> Result<Option<u64>, StoreError> {
     let pending: Option<(i64, i64)> = c
         .query_row(
@@ -173,49 +207,7 @@ pub(crate) fn complete_subsets(c: &mut Connection) -> Result<Option<u64>, StoreE
     };
     let t = Threshold::new(deployed as usize, deployed as usize).map_err(corrupt)?;
     let tx = c.transaction().map_err(unavailable)?;
-    let mut groups = 0u64;
-    {
-        let mut read = tx
-            .prepare("SELECT id, attributes FROM groups WHERE id >= ?1 AND id < ?2 ORDER BY id")
-            .map_err(unavailable)?;
-        let mut main = tx
-            .prepare(
-                "INSERT OR IGNORE INTO group_subsets (threshold, subset, group_id) VALUES (?1, ?2, ?3)",
-            )
-            .map_err(unavailable)?;
-        let mut extra = tx
-            .prepare("INSERT OR IGNORE INTO group_subset_overlaps (threshold, subset, group_id) VALUES (?1, ?2, ?3)")
-            .map_err(unavailable)?;
-        let last: i64 = tx
-            .query_row("SELECT coalesce(max(id), 0) FROM groups", [], |r| r.get(0))
-            .map_err(unavailable)?;
-        let mut start = from;
-        while start <= last {
-            let end = start.saturating_add(DRAIN_GROUPS);
-            let mut rows: Vec<(SubsetKey, i64)> = Vec::new();
-            let mut q = read.query(params![start, end]).map_err(unavailable)?;
-            while let Some(r) = q.next().map_err(unavailable)? {
-                let id: i64 = r.get(0).map_err(unavailable)?;
-                let a: String = r.get(1).map_err(unavailable)?;
-                let attrs = attrs_from_json(&a)?;
-                rows.extend(subset_keys_fixed(&attrs, t).into_iter().map(|k| (k, id)));
-                groups += 1;
-            }
-            rows.sort_unstable_by_key(|&(k, _)| u128::from_be_bytes(k));
-            for (k, id) in rows {
-                if main
-                    .execute(params![deployed, &k[..], id])
-                    .map_err(unavailable)?
-                    == 0
-                {
-                    extra
-                        .execute(params![deployed, &k[..], id])
-                        .map_err(unavailable)?;
-                }
-            }
-            start = end;
-        }
-    }
+    let groups = write_subsets(&tx, t, from)?;
     tx.execute("UPDATE deployment SET subsets_from = NULL", [])
         .map_err(unavailable)?;
     tx.commit().map_err(unavailable)?;
