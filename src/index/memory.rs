@@ -40,7 +40,7 @@ use rustc_hash::FxHashMap;
 
 use super::{Candidate, GroupIndex, IndexError};
 use crate::domain::attribute::sorted_overlap;
-use crate::domain::grouping::{binomial, for_each_subset};
+use crate::domain::grouping::{binomial, choose_best, for_each_subset};
 use crate::domain::{AttributeSet, GroupId, Threshold};
 
 #[derive(Debug)]
@@ -346,6 +346,7 @@ impl Inner {
             keys,
             firsts,
             candidates,
+            qualified,
         } = scratch;
         // Attributes never seen cannot be in any group: only known ones count.
         ids.clear();
@@ -382,21 +383,18 @@ impl Inner {
                 .iter()
                 .map(|&o| u64::from(self.arena[o as usize])),
         );
-        let mut best: Option<(usize, GroupId, u32)> = None;
+        qualified.clear();
         for (&o, &len) in candidates.iter().zip(firsts.iter()) {
             let o = o as usize;
             let m = sorted_overlap(&self.arena[o + HEADER..o + HEADER + len as usize], ids);
-            if m < t.get() {
-                continue;
-            }
             let id = GroupId(i64::from(self.arena[o + 2]) | (i64::from(self.arena[o + 3]) << 32));
-            // The rule of `choose_best`: the largest overlap, then the
-            // smallest id.
-            if best.is_none_or(|(bm, bid, _)| m > bm || (m == bm && id < bid)) {
-                best = Some((m, id, self.arena[o + 1]));
-            }
+            qualified.push((id, m, self.arena[o + 1]));
         }
-        best.map(|(_, _, ordinal)| ordinal)
+        let (id, _) = choose_best(qualified.iter().map(|&(id, m, _)| (id, m)), t)?;
+        qualified
+            .iter()
+            .find(|&&(g, _, _)| g == id)
+            .map(|&(_, _, ordinal)| ordinal)
     }
 }
 
@@ -408,6 +406,8 @@ struct Scratch {
     keys: Vec<u64>,
     firsts: Vec<u64>,
     candidates: Vec<u32>,
+    /// (id, overlap, ordinal) of each candidate, for `choose_best`.
+    qualified: Vec<(GroupId, usize, u32)>,
 }
 
 #[async_trait]
