@@ -141,20 +141,14 @@ pub fn for_each_subset_digest(attrs: &AttributeSet, t: Threshold, mut f: impl Fn
 /// A t-subset's key as the stores keep it: the first 16 bytes of its digest.
 pub type SubsetKey = [u8; 16];
 
-/// The same keys as `subset_keys`, as fixed arrays: one allocation for all
-/// of a user's keys (the import holds millions of them at once).
-pub fn subset_keys_fixed(attrs: &AttributeSet, t: Threshold) -> Vec<SubsetKey> {
+/// The first 16 bytes of each t-subset's digest: the key the stores keep.
+/// Fixed arrays, so all of a user's keys are one allocation (the import
+/// holds millions of them at once).
+pub fn subset_keys(attrs: &AttributeSet, t: Threshold) -> Vec<SubsetKey> {
     let mut out = Vec::with_capacity(binomial(attrs.len(), t.get()) as usize);
     for_each_subset_digest(attrs, t, |d| {
         out.push(d[..16].try_into().expect("a digest has 32 bytes"))
     });
-    out
-}
-
-/// The first 16 bytes of each t-subset's digest: the key Postgres keeps.
-pub fn subset_keys(attrs: &AttributeSet, t: Threshold) -> Vec<Vec<u8>> {
-    let mut out = Vec::with_capacity(binomial(attrs.len(), t.get()) as usize);
-    for_each_subset_digest(attrs, t, |d| out.push(d[..16].to_vec()));
     out
 }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::auth::{ARGON2_M_KIB, ARGON2_P, ARGON2_T};
-use crate::domain::grouping::{SubsetKey, subset_keys_fixed};
+use crate::domain::grouping::{SubsetKey, subset_keys};
 use crate::domain::{
     AttributeRules, AttributeSet, FieldError, Password, Signup, Threshold, Username,
 };
@@ -197,7 +197,7 @@ pub fn parse(line: u64, bytes: &[u8], rules: &Rules) -> Result<Entry, Reject> {
         }
     };
     let fingerprint = rules.fingerprinter.of(&username, &credential, &attributes);
-    let keys = subset_keys_fixed(&attributes, rules.threshold);
+    let keys = subset_keys(&attributes, rules.threshold);
     Ok(Entry {
         line,
         username,

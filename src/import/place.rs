@@ -122,7 +122,7 @@ pub fn decide<'a>(
 mod tests {
     use super::*;
     use crate::domain::AttributeRules;
-    use crate::domain::grouping::{LinearScan, subset_keys_fixed};
+    use crate::domain::grouping::{LinearScan, subset_keys};
 
     fn set(a: &[&str]) -> AttributeSet {
         AttributeSet::parse(a, AttributeRules { min: 1, max: 16 }).unwrap()
@@ -155,8 +155,7 @@ mod tests {
             let mut next = 1;
             let mut got = Vec::new();
             for chunk in users.chunks(batch) {
-                let keys: Vec<Vec<SubsetKey>> =
-                    chunk.iter().map(|u| subset_keys_fixed(u, t)).collect();
+                let keys: Vec<Vec<SubsetKey>> = chunk.iter().map(|u| subset_keys(u, t)).collect();
                 let placed = decide(t, &index, chunk.iter().zip(keys.iter().map(|k| &k[..])));
                 let mut founded = Vec::new();
                 for (u, p) in chunk.iter().zip(&placed) {

@@ -217,6 +217,7 @@ impl Store for PgStore {
         let _timing = self.timer.start("best_group");
         let client = self.client().await?;
         let keys = subset_keys(attrs, self.t);
+        let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
         let rows = client
             .query(
                 &client.prepare_cached("SELECT id, attributes FROM groups WHERE id IN ( \
@@ -283,7 +284,10 @@ impl Store for PgStore {
                     .map_err(unavailable)?,
                     &[
                         &(self.t.get() as i16),
-                        &subset_keys(&user.attributes, self.t),
+                        &subset_keys(&user.attributes, self.t)
+                            .iter()
+                            .map(|k| &k[..])
+                            .collect::<Vec<&[u8]>>(),
                         &id,
                     ],
                 )
@@ -718,7 +722,7 @@ async fn backfill_subsets(
             let id: i64 = r.get(0);
             let attrs = attrs_from_row(r.get(1))?;
             for k in subset_keys(&attrs, t) {
-                subsets.push(k);
+                subsets.push(k.to_vec());
                 owners.push(id);
             }
         }

@@ -692,3 +692,78 @@ impl Parts {
         c
     }
 }
+
+/// The arbiter is whole: every group's t-subsets, and nothing else, are in
+/// the subset table (or its overlaps) under that group, and no import left
+/// any pending (the embedded import writes them when it ends, and opening
+/// the store completes what a killed one left).
+pub async fn assert_subset_table_complete(backing: &Backing, t: usize) {
+    type Rows = Vec<(Vec<u8>, i64)>;
+    let (groups, rows): (Vec<(i64, Vec<String>)>, Rows) = match backing {
+        Backing::Distributed { db, .. } => {
+            let c = db.client().await;
+            let groups = c
+                .query("SELECT id, attributes FROM groups", &[])
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let rows = c
+                .query(
+                    "SELECT subset, group_id FROM group_subsets WHERE threshold = $1 \
+                     UNION ALL SELECT subset, group_id FROM group_subset_overlaps WHERE threshold = $1",
+                    &[&(t as i16)],
+                )
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            (groups, rows)
+        }
+        Backing::Embedded { dir } => {
+            let c = rusqlite::Connection::open(dir.path().join("cohort.sqlite3")).unwrap();
+            let pending: Option<i64> = c
+                .query_row("SELECT subsets_from FROM deployment", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(pending, None, "subset rows left pending");
+            let groups = c
+                .prepare("SELECT id, attributes FROM groups")
+                .unwrap()
+                .query_map([], |r| {
+                    let a: String = r.get(1)?;
+                    Ok((r.get(0)?, serde_json::from_str(&a).unwrap()))
+                })
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let rows = c
+                .prepare(
+                    "SELECT subset, group_id FROM group_subsets WHERE threshold = ?1 \
+                     UNION ALL SELECT subset, group_id FROM group_subset_overlaps WHERE threshold = ?1",
+                )
+                .unwrap()
+                .query_map([t as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            (groups, rows)
+        }
+    };
+    let t = cohort::domain::Threshold::new(t, 16).unwrap();
+    let mut want: Vec<(Vec<u8>, i64)> = groups
+        .iter()
+        .flat_map(|(id, a)| {
+            let set = cohort::domain::AttributeSet::from_stored(a).unwrap();
+            cohort::domain::grouping::subset_keys(&set, t)
+                .into_iter()
+                .map(move |k| (k.to_vec(), *id))
+        })
+        .collect();
+    let mut got = rows;
+    want.sort();
+    got.sort();
+    assert_eq!(got.len(), want.len(), "subset rows");
+    assert!(got == want, "the subset table is not the groups' subsets");
+}

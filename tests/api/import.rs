@@ -154,81 +154,6 @@ async fn assert_db_invariants(backing: &Backing) {
     }
 }
 
-/// The arbiter is whole: every group's t-subsets, and nothing else, are in
-/// the subset table (or its overlaps) under that group, and no import left
-/// any pending (the embedded import writes them when it ends, and opening
-/// the store completes what a killed one left).
-async fn assert_subset_table_complete(backing: &Backing) {
-    type Rows = Vec<(Vec<u8>, i64)>;
-    let (groups, rows): (Vec<(i64, Vec<String>)>, Rows) = match backing {
-        Backing::Distributed { db, .. } => {
-            let c = db.client().await;
-            let groups = c
-                .query("SELECT id, attributes FROM groups", &[])
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            let rows = c
-                .query(
-                    "SELECT subset, group_id FROM group_subsets WHERE threshold = 3 \
-                     UNION ALL SELECT subset, group_id FROM group_subset_overlaps WHERE threshold = 3",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            (groups, rows)
-        }
-        Backing::Embedded { dir } => {
-            let c = rusqlite::Connection::open(dir.path().join("cohort.sqlite3")).unwrap();
-            let pending: Option<i64> = c
-                .query_row("SELECT subsets_from FROM deployment", [], |r| r.get(0))
-                .unwrap();
-            assert_eq!(pending, None, "subset rows left pending");
-            let groups = c
-                .prepare("SELECT id, attributes FROM groups")
-                .unwrap()
-                .query_map([], |r| {
-                    let a: String = r.get(1)?;
-                    Ok((r.get(0)?, serde_json::from_str(&a).unwrap()))
-                })
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            let rows = c
-                .prepare(
-                    "SELECT subset, group_id FROM group_subsets WHERE threshold = 3 \
-                     UNION ALL SELECT subset, group_id FROM group_subset_overlaps WHERE threshold = 3",
-                )
-                .unwrap()
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            (groups, rows)
-        }
-    };
-    let t = Threshold::new(3, 16).unwrap();
-    let mut want: Vec<(Vec<u8>, i64)> = groups
-        .iter()
-        .flat_map(|(id, a)| {
-            let set = AttributeSet::from_stored(a).unwrap();
-            cohort::domain::grouping::subset_keys(&set, t)
-                .into_iter()
-                .map(move |k| (k, *id))
-        })
-        .collect();
-    let mut got = rows;
-    want.sort();
-    got.sort();
-    assert_eq!(got.len(), want.len(), "subset rows");
-    assert!(got == want, "the subset table is not the groups' subsets");
-}
-
 async fn differential(mode: Mode) {
     const N: usize = 1_500;
     let users: Vec<(String, Vec<String>)> = (0..N).map(|n| user(n, 14)).collect();
@@ -254,7 +179,7 @@ async fn differential(mode: Mode) {
     );
     assert_eq!(imported, reference(&users));
     assert_db_invariants(&backing).await;
-    assert_subset_table_complete(&backing).await;
+    assert_subset_table_complete(&backing, 3).await;
     // An imported user signs in with the password of the hash.
     drop(app);
     let served = spawn_with(backing, |_| {}).await;
@@ -357,7 +282,7 @@ async fn kill_and_resume(mode: Mode) {
         // ...and the server, opening the store, completes them first.
         let app = spawn_with(backing.clone(), |_| {}).await;
         app.stop().await;
-        assert_subset_table_complete(&backing).await;
+        assert_subset_table_complete(&backing, 3).await;
     }
     if let Some(db) = backing.db() {
         let row = db
@@ -393,7 +318,7 @@ async fn kill_and_resume(mode: Mode) {
     assert_eq!(summary["already_imported"], before, "{summary}");
     assert_eq!(placements(&backing).await, reference(&users));
     assert_db_invariants(&backing).await;
-    assert_subset_table_complete(&backing).await;
+    assert_subset_table_complete(&backing, 3).await;
     let (code, summary) = import(&backing, &file, &[]);
     assert_eq!((code, &summary["imported"]), (0, &json!(0)), "{summary}");
     assert_eq!(summary["already_imported"], N);

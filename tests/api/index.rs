@@ -248,16 +248,23 @@ async fn reindex_and_verify_commands() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overlapping_stored_groups_stay_findable_and_block_new_overlaps() {
-    // Groups that share t attributes cannot be founded at this threshold,
-    // but exist after it was lowered. Both indexes keep every one of them.
-    let backing = Backing::new(Mode::Distributed).await;
+/// Groups that share t attributes cannot be founded at this threshold,
+/// but exist after it was lowered (`cohort set-threshold`, which rebuilds
+/// the subset table: in Postgres, or in SQLite in embedded mode). Both the
+/// table and the index keep every one of them findable, and none can be
+/// overlapped again.
+async fn overlapping_groups_after_lowering(mode: Mode) {
+    let backing = Backing::new(mode).await;
     let t4 = spawn_with(backing.clone(), |s| s.match_threshold = 4).await;
-    t4.signup_ok("ann", &["a", "b", "c", "d"]).await;
-    t4.signup_ok("bob", &["a", "b", "c", "e"]).await;
-    t4.signup_ok("cat", &["a", "b", "c", "d", "e"]).await;
-    t4.signup_ok("dan", &["a", "b", "c", "f"]).await;
+    let ann = t4.signup_ok("ann", &["a", "b", "c", "d"]).await;
+    let bob = t4.signup_ok("bob", &["a", "b", "c", "e"]).await;
+    let cat = t4.signup_ok("cat", &["a", "b", "c", "d", "e"]).await;
+    let dan = t4.signup_ok("dan", &["a", "b", "c", "f"]).await;
+    // At 4 they are three groups; cat shares 4 with two and joins the first.
+    for founder in [&ann, &bob, &dan] {
+        assert_eq!(founder["group"]["created"], true);
+    }
+    assert_eq!(cat["group"]["id"], ann["group"]["id"]);
     drop(t4);
     let out = cohort_cli(&backing, &["set-threshold", "3"]);
     assert!(
@@ -265,26 +272,47 @@ async fn overlapping_stored_groups_stay_findable_and_block_new_overlaps() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The rebuilt table holds every group's 3-subsets (the overlapping ones
+    // as overlap rows), and nothing else.
+    assert_subset_table_complete(&backing, 3).await;
     let t3 = spawn_with(backing.clone(), |_| {}).await;
+    // She shares 4 with bob's group, 3 with the others.
     let placed = t3.signup_ok("eve", &["a", "b", "c", "e", "q"]).await;
-    // Groups 2 and 3 share 4 with her; the smaller id wins.
-    let (_, groups) = db_snapshot(backing.db().unwrap()).await;
-    let id_of = |attrs: &[&str]| groups.iter().find(|g| g.1 == attrs).unwrap().0;
-    assert_eq!(placed["group"]["id"], id_of(&["a", "b", "c", "e"]));
+    assert_eq!(placed["group"]["id"], bob["group"]["id"]);
+    // ann's and bob's groups both share 4 with her; the smaller id wins.
+    let placed = t3.signup_ok("flo", &["a", "b", "c", "d", "e"]).await;
+    assert_eq!(placed["group"]["id"], ann["group"]["id"]);
     let placed = t3.signup_ok("fay", &["a", "b", "c", "f"]).await;
-    assert_eq!(placed["group"]["id"], id_of(&["a", "b", "c", "f"]));
+    assert_eq!(placed["group"]["id"], dan["group"]["id"]);
+    let placed = t3.signup_ok("gil", &["a", "b", "e", "x"]).await;
+    assert_eq!(placed["group"]["id"], bob["group"]["id"]);
     // Nothing new may overlap any of them.
     let res = t3.signup_ok("gus", &["b", "c", "f", "z"]).await;
     assert_eq!(res["group"]["created"], false);
-    // Once the keeper trusts Redis, it decides the same.
-    assert!(
-        eventually(10, || async {
-            cohort_cli(&backing, &["verify"]).status.success()
-        })
-        .await
-    );
-    let placed = t3.signup_ok("hal", &["a", "b", "c", "e", "r"]).await;
-    assert_eq!(placed["group"]["id"], id_of(&["a", "b", "c", "e"]));
+    if matches!(mode, Mode::Distributed) {
+        // Once the keeper trusts Redis, it decides the same.
+        assert!(
+            eventually(10, || async {
+                cohort_cli(&backing, &["verify"]).status.success()
+            })
+            .await
+        );
+        let placed = t3.signup_ok("hal", &["a", "b", "c", "e", "r"]).await;
+        assert_eq!(placed["group"]["id"], bob["group"]["id"]);
+    } else {
+        // The in-process index is rebuilt from the table at every start.
+        drop(t3);
+        let again = spawn_with(backing.clone(), |_| {}).await;
+        let placed = again.signup_ok("hal", &["a", "b", "c", "e", "r"]).await;
+        assert_eq!(placed["group"]["id"], bob["group"]["id"]);
+        let placed = again.signup_ok("ivy", &["a", "b", "e", "y"]).await;
+        assert_eq!(placed["group"]["id"], bob["group"]["id"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_stored_groups_stay_findable_and_block_new_overlaps() {
+    overlapping_groups_after_lowering(Mode::Distributed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
