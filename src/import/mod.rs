@@ -65,8 +65,13 @@
 //! # Embedded mode
 //! The data directory's lock keeps every other process out (stop the
 //! server first), so the batch decides against the in-process index of all
-//! groups and commits in one SQLite transaction; nothing is marked, and the
-//! index learns the batch's groups after the commit. The batches' subset
+//! groups and commits in one SQLite transaction; nothing is marked. The
+//! batches are pipelined (`import_chunk_embedded`): the index learns a
+//! batch's groups as it is decided, with the ids the writer will give them
+//! (this process numbers every group), and the batch is written while the
+//! next is sorted out (on a second, read-only connection, plus the names
+//! of the batch in flight) and decided. A failed write stops the import:
+//! the groups the index learned ahead die with the process. The batches' subset
 //! rows are written once, in key order, when the import ends (or by the
 //! next open of the store, if it was killed; `store::sqlite::import`).
 //! The session commits
@@ -142,8 +147,32 @@ enum Backend {
     Embedded {
         session: crate::store::sqlite::import::SqliteImportSession,
         index: Arc<MemoryIndex>,
+        /// The id the next founded group gets.
+        next_id: i64,
+        /// The batch being written while the next is decided.
+        in_flight: Option<InFlight>,
         _lock: std::fs::File,
     },
+}
+
+/// Embedded mode's pipeline: a decided batch is written and committed by
+/// the store's connection while the next one is sorted out (on a reader
+/// connection) and decided (against the in-process index, which has the
+/// written batch's groups already). At most one batch is in flight.
+struct InFlight {
+    write: tokio::task::JoinHandle<Result<(), StoreError>>,
+    /// Its usernames and fingerprints: the next batch's sorting out sees
+    /// them as imported, committed or not yet.
+    names: HashMap<String, Vec<u8>>,
+}
+
+impl InFlight {
+    async fn finish(self) -> Result<(), ImportError> {
+        self.write
+            .await
+            .map_err(|e| ImportError::Setup(format!("the batch writer failed: {e}")))??;
+        Ok(())
+    }
 }
 
 impl Backend {
@@ -249,7 +278,16 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary, ImportError> 
     drop(vrx);
     validating.abort();
     let _ = reading.await;
+    // The last batch, written or failed, before anything is reported.
+    let written = match &mut backend {
+        Backend::Embedded { in_flight, .. } => match in_flight.take() {
+            Some(f) => f.finish().await,
+            None => Ok(()),
+        },
+        Backend::Distributed { .. } => Ok(()),
+    };
     result?;
+    written?;
     backend.session().finish().await?;
     if summary.rejected == 0 {
         let _ = std::fs::remove_file(&rejects_path);
@@ -316,10 +354,13 @@ async fn connect(config: &Config) -> Result<(Backend, Vec<u8>), ImportError> {
                 )));
             }
             let session = store.import_session().await?;
+            let next_id = session.next_group_id().await?;
             Ok((
                 Backend::Embedded {
                     session,
                     index,
+                    next_id,
+                    in_flight: None,
                     _lock: b.data_lock.expect("embedded mode holds the lock"),
                 },
                 b.jwt_secret,
@@ -460,6 +501,7 @@ async fn validate(chunk: Chunk, rules: &Rules, cores: usize) -> Validated {
 /// Sorts out the entries whose username is taken or already imported.
 async fn sort_out(
     session: &mut dyn ImportSession,
+    in_flight: Option<&HashMap<String, Vec<u8>>>,
     entries: Vec<Entry>,
     summary: &mut Summary,
     rejected: &mut Vec<Reject>,
@@ -468,7 +510,17 @@ async fn sort_out(
         .iter()
         .map(|e| e.username.as_str().to_owned())
         .collect();
-    let existing = session.existing(&names).await?;
+    let mut existing = session.existing(&names).await?;
+    // A batch still being written has them as good as imported.
+    for (name, print) in in_flight.into_iter().flatten() {
+        existing.insert(
+            name.clone(),
+            crate::store::import::Existing {
+                user: true,
+                record: Some(print.clone()),
+            },
+        );
+    }
     // The first line with a name takes it within the chunk.
     let mut first: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
     let mut keep = Vec::with_capacity(entries.len());
@@ -512,27 +564,11 @@ async fn import_chunk(
     summary: &mut Summary,
     rejected: &mut Vec<Reject>,
 ) -> Result<(), ImportError> {
-    let mut entries = sort_out(backend.session(), entries, summary, rejected).await?;
-    // Hash the new passwords on every core (the hasher bounds concurrency).
-    let hashes = futures_util::future::join_all(entries.iter().map(|e| async {
-        match &e.credential {
-            Credential::Password(p) => hasher.hash(p).await,
-            Credential::Hash(h) => h.clone(),
-        }
-    }))
-    .await;
-    let mut users: Vec<ImportUser> = entries
-        .iter()
-        .zip(hashes)
-        .map(|(e, h)| ImportUser {
-            username: e.username.clone(),
-            password_hash: h,
-            attributes: e.attributes.clone(),
-            fingerprint: e.fingerprint.clone(),
-            keys: e.keys.clone(),
-            placement: ImportPlacement::Found,
-        })
-        .collect();
+    if let Backend::Embedded { .. } = backend {
+        return import_chunk_embedded(backend, t, hasher, entries, summary, rejected).await;
+    }
+    let mut entries = sort_out(backend.session(), None, entries, summary, rejected).await?;
+    let mut users = hashed(hasher, entries.clone()).await;
     for round in 0.. {
         if users.is_empty() {
             return Ok(());
@@ -557,7 +593,8 @@ async fn import_chunk(
             }
             Err(ImportError::Store(StoreError::UsernameTaken)) => {
                 // A live signup took a name since step 1: sort again.
-                let kept = sort_out(backend.session(), entries.clone(), summary, rejected).await?;
+                let kept =
+                    sort_out(backend.session(), None, entries.clone(), summary, rejected).await?;
                 let names: std::collections::HashSet<String> = kept
                     .iter()
                     .map(|e| e.username.as_str().to_owned())
@@ -574,42 +611,124 @@ async fn import_chunk(
     unreachable!("the loop returns")
 }
 
-/// Steps 2 to 5 for one batch.
+/// Hashes the new passwords of `entries` on every core (the hasher bounds
+/// concurrency), and makes them users to place.
+async fn hashed(hasher: &PasswordHasher, entries: Vec<Entry>) -> Vec<ImportUser> {
+    let hashes = futures_util::future::join_all(entries.iter().map(|e| async {
+        match &e.credential {
+            Credential::Password(p) => Some(hasher.hash(p).await),
+            Credential::Hash(_) => None,
+        }
+    }))
+    .await;
+    entries
+        .into_iter()
+        .zip(hashes)
+        .map(|(e, h)| ImportUser {
+            username: e.username,
+            password_hash: match (h, e.credential) {
+                (Some(h), _) => h,
+                (None, Credential::Hash(h)) => h,
+                (None, Credential::Password(_)) => unreachable!("hashed above"),
+            },
+            attributes: e.attributes,
+            fingerprint: e.fingerprint,
+            keys: e.keys,
+            placement: ImportPlacement::Found,
+        })
+        .collect()
+}
+
+/// One batch in embedded mode: sorted out, decided against the in-process
+/// index (which holds every committed group and the groups of the batch in
+/// flight), its groups added to the index, then handed to the writer once
+/// the batch before it is committed. This process is the only writer (the
+/// data directory's lock), so a decision cannot be made stale by anyone
+/// else; if a write fails, the import stops there with the error, and
+/// what was committed before stays (a re-run goes on from it).
+async fn import_chunk_embedded(
+    backend: &mut Backend,
+    t: Threshold,
+    hasher: &PasswordHasher,
+    entries: Vec<Entry>,
+    summary: &mut Summary,
+    rejected: &mut Vec<Reject>,
+) -> Result<(), ImportError> {
+    let Backend::Embedded {
+        session,
+        index,
+        next_id,
+        in_flight,
+        ..
+    } = backend
+    else {
+        unreachable!("embedded backend")
+    };
+    let flying = in_flight.as_ref().map(|f| &f.names);
+    let entries = sort_out(session, flying, entries, summary, rejected).await?;
+    let mut users = hashed(hasher, entries).await;
+    if users.is_empty() {
+        return Ok(());
+    }
+    let placed = place::decide(
+        t,
+        index.as_ref(),
+        users.iter().map(|u| (&u.attributes, &u.keys[..])),
+    );
+    let first = *next_id;
+    for (u, p) in users.iter_mut().zip(placed) {
+        u.placement = p;
+        if p == ImportPlacement::Found {
+            index.add_now(GroupId(*next_id), u.attributes.clone());
+            *next_id += 1;
+            summary.founded += 1;
+        } else {
+            summary.joined += 1;
+        }
+        summary.imported += 1;
+    }
+    if let Some(before) = in_flight.take() {
+        before.finish().await?;
+    }
+    let names = users
+        .iter()
+        .map(|u| (u.username.as_str().to_owned(), u.fingerprint.clone()))
+        .collect();
+    *in_flight = Some(InFlight {
+        write: tokio::spawn(session.write_batch(users, first)),
+        names,
+    });
+    Ok(())
+}
+
+/// Steps 2 to 5 for one batch (distributed mode).
 async fn place_and_commit(
     backend: &mut Backend,
     t: Threshold,
     users: &mut [ImportUser],
 ) -> Result<(), ImportError> {
-    let session = backend.session();
+    let Backend::Distributed { session, redis } = backend else {
+        unreachable!("embedded batches go through import_chunk_embedded")
+    };
     session.begin().await?;
     let outcome = async {
-        let owners = match backend {
-            Backend::Distributed { session, .. } => {
-                let keys: Vec<&[u8]> = users
-                    .iter()
-                    .flat_map(|u| u.keys.iter().map(|k| &k[..]))
-                    .collect();
-                Some(place::OwnersOf::new(t, session.owners(&keys).await?))
-            }
-            Backend::Embedded { .. } => None,
-        };
-        let committed: &dyn place::Committed = match (&owners, &*backend) {
-            (Some(o), _) => o,
-            (None, Backend::Embedded { index, .. }) => index.as_ref(),
-            (None, Backend::Distributed { .. }) => unreachable!("owners read above"),
-        };
+        let keys: Vec<&[u8]> = users
+            .iter()
+            .flat_map(|u| u.keys.iter().map(|k| &k[..]))
+            .collect();
+        let owners = place::OwnersOf::new(t, session.owners(&keys).await?);
         let placed = place::decide(
             t,
-            committed,
+            &owners,
             users.iter().map(|u| (&u.attributes, &u.keys[..])),
         );
         for (u, p) in users.iter_mut().zip(placed) {
             u.placement = p;
         }
         crate::failpoint::hit("import:decided");
-        let written = backend.session().write(users).await?;
+        let written = session.write(users).await?;
         crate::failpoint::hit("import:written");
-        backend.session().commit().await?;
+        session.commit().await?;
         crate::failpoint::hit("import:committed");
         Ok::<_, ImportError>((written, owners))
     }
@@ -617,7 +736,7 @@ async fn place_and_commit(
     let (written, owners) = match outcome {
         Ok(v) => v,
         Err(e) => {
-            let _ = backend.session().rollback().await;
+            let _ = session.rollback().await;
             return Err(e);
         }
     };
@@ -627,55 +746,45 @@ async fn place_and_commit(
         .zip(&written.founded)
         .map(|(u, id)| (*id, u.attributes.clone()))
         .collect();
-    match backend {
-        Backend::Embedded { index, .. } => {
-            for (id, a) in founded {
-                index.add_now(id, a);
+    // Step 5: the groups it joined first (a founder's own add may be late),
+    // then its own in id order.
+    let mut joined: Vec<GroupId> = users
+        .iter()
+        .filter_map(|u| match u.placement {
+            ImportPlacement::Join(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    joined.sort_unstable();
+    joined.dedup();
+    let mut groups: Vec<(GroupId, AttributeSet)> = joined
+        .into_iter()
+        .filter_map(|g| owners.group(g).map(|a| (g, a.clone())))
+        .collect();
+    groups.extend(founded.iter().cloned());
+    let published = async {
+        let (before, gen1) = redis.server_identity().await?;
+        redis.add_groups(&groups).await?;
+        let (after, gen2) = redis.server_identity().await?;
+        Ok::<_, IndexError>((before == after && gen1 == gen2).then_some(before))
+    }
+    .await;
+    crate::failpoint::hit("import:published");
+    match published {
+        Ok(server) => {
+            let ids: Vec<GroupId> = founded.iter().map(|(id, _)| *id).collect();
+            session.mark_indexed(&ids).await?;
+            if let (Some(server), Some(mark)) = (server, written.dirty_mark)
+                && !session.lift_dirty_mark(mark, &server).await?
+            {
+                tracing::debug!(
+                    mark,
+                    "the index stays marked dirty (synced on another server or marked meanwhile)"
+                );
             }
         }
-        Backend::Distributed { session, redis } => {
-            // Step 5: the groups it joined first (a founder's own add may
-            // be late), then its own in id order.
-            let mut joined: Vec<GroupId> = users
-                .iter()
-                .filter_map(|u| match u.placement {
-                    ImportPlacement::Join(g) => Some(g),
-                    _ => None,
-                })
-                .collect();
-            joined.sort_unstable();
-            joined.dedup();
-            let owners = owners.expect("distributed batches read owners");
-            let mut groups: Vec<(GroupId, AttributeSet)> = joined
-                .into_iter()
-                .filter_map(|g| owners.group(g).map(|a| (g, a.clone())))
-                .collect();
-            groups.extend(founded.iter().cloned());
-            let published = async {
-                let (before, gen1) = redis.server_identity().await?;
-                redis.add_groups(&groups).await?;
-                let (after, gen2) = redis.server_identity().await?;
-                Ok::<_, IndexError>((before == after && gen1 == gen2).then_some(before))
-            }
-            .await;
-            crate::failpoint::hit("import:published");
-            match published {
-                Ok(server) => {
-                    let ids: Vec<GroupId> = founded.iter().map(|(id, _)| *id).collect();
-                    session.mark_indexed(&ids).await?;
-                    if let (Some(server), Some(mark)) = (server, written.dirty_mark)
-                        && !session.lift_dirty_mark(mark, &server).await?
-                    {
-                        tracing::debug!(
-                            mark,
-                            "the index stays marked dirty (synced on another server or marked meanwhile)"
-                        );
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not add the batch's groups to the index: it stays marked dirty, and replicas decide from the database until it is synced");
-                }
-            }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not add the batch's groups to the index: it stays marked dirty, and replicas decide from the database until it is synced");
         }
     }
     Ok(())

@@ -16,14 +16,15 @@
 //! import run again, `verify`) completes the table before anything else.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, params};
 
 use super::{
     SqliteStore, attrs_from_json, attrs_to_json, complete_subsets, is_unique, unavailable,
 };
-use crate::domain::GroupId;
+use crate::domain::{GroupId, Threshold};
 use crate::store::StoreError;
 use crate::store::import::{Existing, ImportPlacement, ImportSession, ImportUser, Owner, Written};
 
@@ -32,7 +33,14 @@ const IMPORT_CACHE_KIB: i64 = 1 << 20;
 
 pub struct SqliteImportSession {
     store: SqliteStore,
+    /// A second connection, read-only, for `existing`: in WAL mode a reader
+    /// does not wait for the writer, so the next batch's names are looked
+    /// up while the last batch is being written (`write_batch`).
+    reader: Arc<Mutex<Connection>>,
 }
+
+/// Page cache of the reader connection, in KiB.
+const READER_CACHE_KIB: i64 = 1 << 18;
 
 impl SqliteStore {
     pub async fn import_session(&self) -> Result<SqliteImportSession, StoreError> {
@@ -61,9 +69,168 @@ impl SqliteStore {
             .map_err(unavailable)
         })
         .await?;
+        let path = self
+            .with(|c| {
+                c.path()
+                    .map(str::to_owned)
+                    .ok_or_else(|| unavailable("the database has no file"))
+            })
+            .await?;
+        let reader = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|c| {
+            c.execute_batch(&format!("PRAGMA cache_size = -{READER_CACHE_KIB}"))?;
+            Ok(c)
+        })
+        .map_err(unavailable)?;
         Ok(SqliteImportSession {
             store: self.clone(),
+            reader: Arc::new(Mutex::new(reader)),
         })
+    }
+}
+
+/// Opens a batch's transaction, checking the deployment's threshold.
+fn begin_batch(c: &Connection, t: Threshold) -> Result<(), StoreError> {
+    c.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
+    let deployed: i64 = c
+        .query_row("SELECT threshold FROM deployment", [], |r| r.get(0))
+        .map_err(unavailable)?;
+    if deployed as usize != t.get() {
+        let _ = c.execute_batch("ROLLBACK");
+        return Err(StoreError::ThresholdMismatch {
+            deployed: deployed as usize,
+            configured: t.get(),
+        });
+    }
+    Ok(())
+}
+
+/// The id the next founded group gets (ids are the groups' rowids, and
+/// only this process writes).
+fn next_group_id(c: &Connection) -> Result<i64, StoreError> {
+    c.query_row("SELECT coalesce(max(id), 0) + 1 FROM groups", [], |r| {
+        r.get(0)
+    })
+    .map_err(unavailable)
+}
+
+/// A batch's rows in the open transaction: its groups numbered from
+/// `next`, its users in file order, their import records. The subset rows
+/// wait for the end of the import (see the module's doc).
+fn write_rows(c: &Connection, users: &[ImportUser], next: i64) -> Result<Vec<GroupId>, StoreError> {
+    let stamp = chrono::Utc::now().to_rfc3339();
+    let mut founded = Vec::new();
+    {
+        let mut group = c
+            .prepare_cached("INSERT INTO groups (id, attributes, created_at) VALUES (?1, ?2, ?3)")
+            .map_err(unavailable)?;
+        for u in users
+            .iter()
+            .filter(|u| u.placement == ImportPlacement::Found)
+        {
+            let id = next + founded.len() as i64;
+            group
+                .execute(params![id, attrs_to_json(&u.attributes), stamp])
+                .map_err(unavailable)?;
+            founded.push(GroupId(id));
+        }
+    }
+    // From the batch's first group on, no subset rows yet.
+    if let Some(first) = founded.first() {
+        c.execute(
+            "UPDATE deployment SET subsets_from = coalesce(subsets_from, ?1)",
+            [first.0],
+        )
+        .map_err(unavailable)?;
+    }
+    let mut user = c
+        .prepare_cached(
+            "INSERT INTO users (username, password_hash, attributes, group_id, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(unavailable)?;
+    let mut record = c
+        .prepare_cached(
+            "INSERT OR REPLACE INTO import_records (username, fingerprint) VALUES (?1, ?2)",
+        )
+        .map_err(unavailable)?;
+    let mut n_found = 0;
+    for u in users {
+        let g = match u.placement {
+            ImportPlacement::Join(g) => g,
+            ImportPlacement::JoinFounded(n) => founded[n],
+            ImportPlacement::Found => {
+                n_found += 1;
+                founded[n_found - 1]
+            }
+        };
+        user.execute(params![
+            u.username.as_str(),
+            u.password_hash,
+            attrs_to_json(&u.attributes),
+            g.0,
+            stamp
+        ])
+        .map_err(|e| {
+            if is_unique(&e) {
+                StoreError::UsernameTaken
+            } else {
+                unavailable(e)
+            }
+        })?;
+        record
+            .execute(params![u.username.as_str(), u.fingerprint])
+            .map_err(unavailable)?;
+    }
+    Ok(founded)
+}
+
+impl SqliteImportSession {
+    /// The id the next founded group will get.
+    pub async fn next_group_id(&self) -> Result<i64, StoreError> {
+        self.store.with(|c| next_group_id(c)).await
+    }
+
+    /// Writes and commits one batch decided ahead (the import's pipeline:
+    /// the next batch is decided meanwhile). Its founders' groups get ids
+    /// from `first` on, as the decider numbered them in the in-process
+    /// index; if the store's next id is another, nothing is written.
+    /// Takes the batch by value: no copy of it crosses to the writer.
+    pub fn write_batch(
+        &self,
+        users: Vec<ImportUser>,
+        first: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let store = self.store.clone();
+        let t = store.t;
+        async move {
+            store
+                .with(move |c| {
+                    begin_batch(c, t)?;
+                    let written = (|| {
+                        let next = next_group_id(c)?;
+                        if next != first {
+                            return Err(unavailable(format!(
+                                "the next group id is {next}, the import numbered from {first}"
+                            )));
+                        }
+                        crate::failpoint::hit("import:decided");
+                        write_rows(c, &users, next)?;
+                        crate::failpoint::hit("import:written");
+                        c.execute_batch("COMMIT").map_err(unavailable)
+                    })();
+                    if written.is_err() && !c.is_autocommit() {
+                        let _ = c.execute_batch("ROLLBACK");
+                    }
+                    written?;
+                    crate::failpoint::hit("import:committed");
+                    Ok(())
+                })
+                .await
+        }
     }
 }
 
@@ -73,55 +240,43 @@ impl ImportSession for SqliteImportSession {
         &mut self,
         names: &[String],
     ) -> Result<HashMap<String, Existing>, StoreError> {
-        let names = names.to_vec();
-        self.store
-            .with(move |c| {
-                let mut user = c
-                    .prepare_cached("SELECT 1 FROM users WHERE username = ?1")
+        let mut names = names.to_vec();
+        // In index order: one page serves neighbouring names.
+        names.sort_unstable();
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = reader
+                .lock()
+                .map_err(|_| unavailable("reader mutex poisoned"))?;
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM users WHERE username = ?1), \
+                       (SELECT fingerprint FROM import_records WHERE username = ?1)",
+                )
+                .map_err(unavailable)?;
+            let mut out = HashMap::new();
+            for n in names {
+                let e = stmt
+                    .query_row([&n], |r| {
+                        Ok(Existing {
+                            user: r.get(0)?,
+                            record: r.get(1)?,
+                        })
+                    })
                     .map_err(unavailable)?;
-                let mut rec = c
-                    .prepare_cached("SELECT fingerprint FROM import_records WHERE username = ?1")
-                    .map_err(unavailable)?;
-                let mut out = HashMap::new();
-                for n in names {
-                    let e = Existing {
-                        user: user
-                            .query_row([&n], |_| Ok(()))
-                            .optional()
-                            .map_err(unavailable)?
-                            .is_some(),
-                        record: rec
-                            .query_row([&n], |r| r.get(0))
-                            .optional()
-                            .map_err(unavailable)?,
-                    };
-                    if e.user || e.record.is_some() {
-                        out.insert(n, e);
-                    }
+                if e.user || e.record.is_some() {
+                    out.insert(n, e);
                 }
-                Ok(out)
-            })
-            .await
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(unavailable)?
     }
 
     async fn begin(&mut self) -> Result<(), StoreError> {
         let t = self.store.t;
-        self.store
-            .with(move |c| {
-                c.execute_batch("BEGIN IMMEDIATE").map_err(unavailable)?;
-                let deployed: i64 = c
-                    .query_row("SELECT threshold FROM deployment", [], |r| r.get(0))
-                    .map_err(unavailable)?;
-                if deployed as usize != t.get() {
-                    let _ = c.execute_batch("ROLLBACK");
-                    return Err(StoreError::ThresholdMismatch {
-                        deployed: deployed as usize,
-                        configured: t.get(),
-                    });
-                }
-                Ok(())
-            })
-            .await
+        self.store.with(move |c| begin_batch(c, t)).await
     }
 
     async fn owners(&mut self, keys: &[&[u8]]) -> Result<Vec<Owner>, StoreError> {
@@ -157,77 +312,9 @@ impl ImportSession for SqliteImportSession {
         let users = users.to_vec();
         self.store
             .with(move |c| {
-                let stamp = chrono::Utc::now().to_rfc3339();
-                let next: i64 = c
-                    .query_row("SELECT coalesce(max(id), 0) + 1 FROM groups", [], |r| {
-                        r.get(0)
-                    })
-                    .map_err(unavailable)?;
-                let mut founded = Vec::new();
-                {
-                    let mut group = c
-                        .prepare_cached(
-                            "INSERT INTO groups (id, attributes, created_at) VALUES (?1, ?2, ?3)",
-                        )
-                        .map_err(unavailable)?;
-                    for u in users.iter().filter(|u| u.placement == ImportPlacement::Found) {
-                        let id = next + founded.len() as i64;
-                        group
-                            .execute(params![id, attrs_to_json(&u.attributes), stamp])
-                            .map_err(unavailable)?;
-                        founded.push(GroupId(id));
-                    }
-                }
-                // The subset rows wait for the end of the import (see the
-                // module's doc): from the batch's first group on, none yet.
-                if let Some(first) = founded.first() {
-                    c.execute(
-                        "UPDATE deployment SET subsets_from = coalesce(subsets_from, ?1)",
-                        [first.0],
-                    )
-                    .map_err(unavailable)?;
-                }
-                let mut user = c
-                    .prepare_cached(
-                        "INSERT INTO users (username, password_hash, attributes, group_id, created_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )
-                    .map_err(unavailable)?;
-                let mut record = c
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO import_records (username, fingerprint) VALUES (?1, ?2)",
-                    )
-                    .map_err(unavailable)?;
-                let mut n_found = 0;
-                for u in &users {
-                    let g = match u.placement {
-                        ImportPlacement::Join(g) => g,
-                        ImportPlacement::JoinFounded(n) => founded[n],
-                        ImportPlacement::Found => {
-                            n_found += 1;
-                            founded[n_found - 1]
-                        }
-                    };
-                    user.execute(params![
-                        u.username.as_str(),
-                        u.password_hash,
-                        attrs_to_json(&u.attributes),
-                        g.0,
-                        stamp
-                    ])
-                    .map_err(|e| {
-                        if is_unique(&e) {
-                            StoreError::UsernameTaken
-                        } else {
-                            unavailable(e)
-                        }
-                    })?;
-                    record
-                        .execute(params![u.username.as_str(), u.fingerprint])
-                        .map_err(unavailable)?;
-                }
+                let next = next_group_id(c)?;
                 Ok(Written {
-                    founded,
+                    founded: write_rows(c, &users, next)?,
                     dirty_mark: None,
                 })
             })
