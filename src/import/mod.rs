@@ -712,10 +712,13 @@ async fn place_and_commit(
     };
     session.begin().await?;
     let outcome = async {
-        let keys: Vec<&[u8]> = users
+        // Each key once (users alike share many), in index order.
+        let mut keys: Vec<&[u8]> = users
             .iter()
             .flat_map(|u| u.keys.iter().map(|k| &k[..]))
             .collect();
+        keys.sort_unstable();
+        keys.dedup();
         let owners = place::OwnersOf::new(t, session.owners(&keys).await?);
         let placed = place::decide(
             t,

@@ -375,3 +375,53 @@ async fn an_index_of_the_previous_layout_is_replaced() {
     let report = p.index.verify(p.store.as_ref()).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// The subset tables name existing groups only (checked once a statement,
+/// not once a row: migration V6), and a group they name cannot be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subset_tables_only_name_existing_groups() {
+    let backing = Backing::new(Mode::Distributed).await;
+    let app = spawn_with(backing.clone(), |_| {}).await;
+    let ann = app.signup_ok("ann", &["a", "b", "c"]).await;
+    let c = backing.db().unwrap().client().await;
+    let fk = |e: tokio_postgres::Error| {
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+            "{e}"
+        );
+    };
+    let key = vec![7u8; 16];
+    for table in ["group_subsets", "group_subset_overlaps"] {
+        let sql = format!("INSERT INTO {table} (threshold, subset, group_id) VALUES (3, $1, $2)");
+        fk(c.execute(&sql, &[&key, &424_242i64]).await.unwrap_err());
+        let sql = format!("UPDATE {table} SET group_id = 424242");
+        fk(c.execute(&sql, &[]).await.unwrap_err());
+    }
+    // A group with subset rows and no members still cannot go.
+    c.execute(
+        "INSERT INTO groups (id, attributes) VALUES (424242, '{x,y,z}')",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.execute(
+        "INSERT INTO group_subsets (threshold, subset, group_id) VALUES (3, $1, 424242)",
+        &[&key],
+    )
+    .await
+    .unwrap();
+    fk(c.execute("DELETE FROM groups WHERE id = 424242", &[])
+        .await
+        .unwrap_err());
+    // Nothing of it changed the real group.
+    let count: i64 = c
+        .query_one(
+            "SELECT count(*) FROM group_subsets WHERE group_id = $1",
+            &[&ann["group"]["id"].as_i64().unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+}
