@@ -211,10 +211,15 @@ async fn reindex(config: Config, from_scratch: bool) -> anyhow::Result<ExitCode>
 async fn set_threshold(config: Config, threshold: usize) -> anyhow::Result<ExitCode> {
     let t = Threshold::new(threshold, config.rules.max).map_err(|e| anyhow::anyhow!(e))?;
     let Some(store) = pg(&config)? else {
-        anyhow::bail!(
-            "embedded mode: stop cohort, then start it with COHORT_MATCH_THRESHOLD={threshold} after \
-             moving the data directory aside (its groups were formed under another threshold)"
+        // Embedded: the data directory's lock keeps the server out (stop it
+        // first).
+        let (store, _lock) = cohort::startup::embedded_store(&config)?;
+        let (old, groups) = store.set_threshold(t).await?;
+        println!(
+            "threshold changed from {old} to {threshold}; subset table rebuilt for {groups} groups. \
+             Start cohort with COHORT_MATCH_THRESHOLD={threshold}."
         );
+        return Ok(ExitCode::SUCCESS);
     };
     store.migrate().await.map_err(|e| anyhow::anyhow!(e))?;
     let (old, groups) = store.set_threshold(t).await?;

@@ -212,6 +212,23 @@ pub async fn embedded(config: &Config, metrics: &Metrics) -> anyhow::Result<Back
 
 /// One process per data directory: a second one would corrupt nothing in
 /// SQLite, but its in-process index would diverge from the first's.
+/// The embedded store alone, under the data directory's lock, for a
+/// command that changes it with the server stopped (`cohort
+/// set-threshold`). The directory must hold a database already.
+pub fn embedded_store(config: &Config) -> anyhow::Result<(SqliteStore, fs::File)> {
+    let Mode::Embedded { data_dir } = &config.mode else {
+        return Err(anyhow!("not in embedded mode"));
+    };
+    let db = data_dir.join("cohort.sqlite3");
+    if !db.exists() {
+        return Err(anyhow!("no database in {}", data_dir.display()));
+    }
+    check_private(data_dir, "the data directory", 0o700, 0o022)?;
+    let lock = lock_data_dir(data_dir)?;
+    let store = SqliteStore::open(&db, config.threshold).map_err(|e| anyhow!(e))?;
+    Ok((store, lock))
+}
+
 fn lock_data_dir(dir: &Path) -> anyhow::Result<fs::File> {
     let path = dir.join("cohort.lock");
     let file = fs::OpenOptions::new()

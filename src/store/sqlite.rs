@@ -186,6 +186,39 @@ fn write_subsets(
     Ok(groups)
 }
 
+impl SqliteStore {
+    /// Changes the data directory's threshold (the server stopped: the
+    /// caller holds the directory's lock): rebuilds the subset table for
+    /// the new one, in one transaction. Existing groups stay as they are;
+    /// after a lowering, those that now overlap keep their keys as overlap
+    /// rows, as in Postgres. Returns the old threshold and the groups.
+    pub async fn set_threshold(&self, t: Threshold) -> Result<(usize, u64), StoreError> {
+        self.with(move |c| {
+            without_fk_checks(c, |c| {
+                let tx = c.transaction().map_err(unavailable)?;
+                let old: Option<i64> = tx
+                    .query_row("SELECT threshold FROM deployment", [], |r| r.get(0))
+                    .optional()
+                    .map_err(unavailable)?;
+                tx.execute_batch("DELETE FROM group_subsets; DELETE FROM group_subset_overlaps;")
+                    .map_err(unavailable)?;
+                let n = write_subsets(&tx, t, i64::MIN)?;
+                // Every group's rows are written: nothing left pending.
+                tx.execute(
+                    "INSERT INTO deployment (singleton, threshold) VALUES (1, ?1) \
+                     ON CONFLICT (singleton) DO UPDATE SET threshold = excluded.threshold, \
+                     subsets_from = NULL",
+                    [t.get() as i64],
+                )
+                .map_err(unavailable)?;
+                tx.commit().map_err(unavailable)?;
+                Ok((old.unwrap_or(0) as usize, n))
+            })
+        })
+        .await
+    }
+}
+
 /// Rows a statement of `SubsetWriter` inserts at once.
 const ROWS_PER_INSERT: usize = 64;
 

@@ -166,8 +166,18 @@ async fn a_group_committed_but_never_added_is_added_by_the_unindexed_pass() {
 }
 
 fn cohort_cli(backing: &Backing, args: &[&str]) -> std::process::Output {
-    let Backing::Distributed { db, prefix } = backing else {
-        unreachable!()
+    let (db, prefix) = match backing {
+        Backing::Distributed { db, prefix } => (db, prefix),
+        Backing::Embedded { dir } => {
+            return std::process::Command::new(env!("CARGO_BIN_EXE_cohort"))
+                .args(args)
+                .env("COHORT_DATA_DIR", dir.path())
+                .env_remove("DATABASE_URL")
+                .env_remove("REDIS_URL")
+                .env_remove("COHORT_MATCH_THRESHOLD")
+                .output()
+                .unwrap();
+        }
     };
     std::process::Command::new(env!("CARGO_BIN_EXE_cohort"))
         .args(args)
@@ -265,7 +275,7 @@ async fn overlapping_groups_after_lowering(mode: Mode) {
         assert_eq!(founder["group"]["created"], true);
     }
     assert_eq!(cat["group"]["id"], ann["group"]["id"]);
-    drop(t4);
+    t4.stop().await;
     let out = cohort_cli(&backing, &["set-threshold", "3"]);
     assert!(
         out.status.success(),
@@ -301,7 +311,7 @@ async fn overlapping_groups_after_lowering(mode: Mode) {
         assert_eq!(placed["group"]["id"], bob["group"]["id"]);
     } else {
         // The in-process index is rebuilt from the table at every start.
-        drop(t3);
+        t3.stop().await;
         let again = spawn_with(backing.clone(), |_| {}).await;
         let placed = again.signup_ok("hal", &["a", "b", "c", "e", "r"]).await;
         assert_eq!(placed["group"]["id"], bob["group"]["id"]);
@@ -313,6 +323,11 @@ async fn overlapping_groups_after_lowering(mode: Mode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_stored_groups_stay_findable_and_block_new_overlaps() {
     overlapping_groups_after_lowering(Mode::Distributed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_groups_after_lowering_the_threshold_embedded() {
+    overlapping_groups_after_lowering(Mode::Embedded).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
