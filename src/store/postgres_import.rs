@@ -131,10 +131,18 @@ impl ImportSession for PgImportSession {
         let rows = self
             .client
             .query(
-                "SELECT s.subset, g.id, g.attributes FROM ( \
-                   SELECT subset, group_id FROM group_subsets WHERE threshold = $1 AND subset = ANY($2) \
+                // One index probe a key, in key order (the caller sorts
+                // them): `subset = ANY($2)` with a million keys was planned
+                // as a scan of the whole table with a hashed filter, a cost
+                // that grows with the table at every batch. `OFFSET 0`
+                // keeps the lateral subquery a subquery, probed per key.
+                "SELECT s.subset, g.id, g.attributes \
+                 FROM unnest($2::bytea[]) AS k(subset) \
+                 CROSS JOIN LATERAL ( \
+                   SELECT subset, group_id FROM group_subsets WHERE threshold = $1 AND subset = k.subset \
                    UNION ALL \
-                   SELECT subset, group_id FROM group_subset_overlaps WHERE threshold = $1 AND subset = ANY($2) \
+                   SELECT subset, group_id FROM group_subset_overlaps WHERE threshold = $1 AND subset = k.subset \
+                   OFFSET 0 \
                  ) AS s JOIN groups g ON g.id = s.group_id",
                 &[&self.t, &keys],
             )
