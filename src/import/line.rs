@@ -46,6 +46,7 @@ pub struct Entry {
     pub attributes: AttributeSet,
     pub credential: Credential,
     pub fingerprint: Vec<u8>,
+    /// Its t-subset keys, when `Rules::subset_keys` (empty otherwise).
     pub keys: Vec<SubsetKey>,
 }
 
@@ -106,6 +107,10 @@ pub struct Rules {
     pub attributes: AttributeRules,
     pub threshold: Threshold,
     pub fingerprinter: Fingerprinter,
+    /// Whether entries carry their t-subset keys: the distributed import
+    /// looks them up in Postgres; the embedded one decides in process,
+    /// where a SHA-256 a subset would be wasted.
+    pub subset_keys: bool,
 }
 
 /// Parses and validates one line (its bytes, without the newline).
@@ -197,7 +202,11 @@ pub fn parse(line: u64, bytes: &[u8], rules: &Rules) -> Result<Entry, Reject> {
         }
     };
     let fingerprint = rules.fingerprinter.of(&username, &credential, &attributes);
-    let keys = subset_keys(&attributes, rules.threshold);
+    let keys = if rules.subset_keys {
+        subset_keys(&attributes, rules.threshold)
+    } else {
+        Vec::new()
+    };
     Ok(Entry {
         line,
         username,
@@ -266,6 +275,7 @@ mod tests {
             attributes: AttributeRules { min: 3, max: 16 },
             threshold: Threshold::new(3, 16).unwrap(),
             fingerprinter: Fingerprinter::new(b"k"),
+            subset_keys: true,
         }
     }
 

@@ -64,17 +64,17 @@
 //!
 //! # Embedded mode
 //! The data directory's lock keeps every other process out (stop the
-//! server first), so the batch decides against the in-process index of all
-//! groups and commits in one SQLite transaction; nothing is marked. The
+//! server first), so each line is decided against the in-process index of
+//! all groups, exactly as the server's signup is (that index is the
+//! embedded mode's arbiter: there is no subset table to write), and a
+//! batch commits in one SQLite transaction; nothing is marked. The
 //! batches are pipelined (`import_chunk_embedded`): the index learns a
 //! batch's groups as it is decided, with the ids the writer will give them
 //! (this process numbers every group), and the batch is written while the
 //! next is sorted out (on a second, read-only connection, plus the names
 //! of the batch in flight) and decided. A failed write stops the import:
-//! the groups the index learned ahead die with the process. The batches' subset
-//! rows are written once, in key order, when the import ends (or by the
-//! next open of the store, if it was killed; `store::sqlite::import`).
-//! The session commits
+//! the groups the index learned ahead die with the process, and the next
+//! start indexes what was committed. The session commits
 //! with `synchronous=NORMAL` (no fsync a batch): a killed process loses
 //! nothing, a power loss at most the last batches, whole, which a re-run
 //! imports (they have no import records); `finish` sets FULL again and runs
@@ -97,7 +97,7 @@ use crate::index::IndexError;
 use crate::index::memory::MemoryIndex;
 use crate::index::redis::RedisIndex;
 use crate::store::StoreError;
-use crate::store::import::{ImportPlacement, ImportSession, ImportUser};
+use crate::store::import::{Existing, ImportPlacement, ImportSession, ImportUser};
 use line::{Credential, Entry, Reject, Rules};
 use report::{Progress, Rejects, Summary};
 
@@ -176,10 +176,11 @@ impl InFlight {
 }
 
 impl Backend {
-    fn session(&mut self) -> &mut dyn ImportSession {
+    /// After the last batch: everything committed made durable.
+    async fn finish(&mut self) -> Result<(), StoreError> {
         match self {
-            Backend::Distributed { session, .. } => session.as_mut(),
-            Backend::Embedded { session, .. } => session,
+            Backend::Distributed { session, .. } => session.finish().await,
+            Backend::Embedded { session, .. } => session.finish().await,
         }
     }
 }
@@ -217,6 +218,7 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary, ImportError> 
         attributes: config.rules,
         threshold: t,
         fingerprinter: line::Fingerprinter::new(&secret),
+        subset_keys: matches!(config.mode, Mode::Distributed { .. }),
     };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let hasher = PasswordHasher::new(cores, Arc::new(|_| {}));
@@ -288,7 +290,7 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary, ImportError> 
     };
     result?;
     written?;
-    backend.session().finish().await?;
+    backend.finish().await?;
     if summary.rejected == 0 {
         let _ = std::fs::remove_file(&rejects_path);
         summary.rejects_file = None;
@@ -498,24 +500,27 @@ async fn validate(chunk: Chunk, rules: &Rules, cores: usize) -> Validated {
     }
 }
 
-/// Sorts out the entries whose username is taken or already imported.
-async fn sort_out(
-    session: &mut dyn ImportSession,
+fn names_of(entries: &[Entry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| e.username.as_str().to_owned())
+        .collect()
+}
+
+/// Sorts out the entries whose username is taken or already imported:
+/// `existing` is what the store said of their names.
+fn sort_out(
+    mut existing: HashMap<String, Existing>,
     in_flight: Option<&HashMap<String, Vec<u8>>>,
     entries: Vec<Entry>,
     summary: &mut Summary,
     rejected: &mut Vec<Reject>,
-) -> Result<Vec<Entry>, ImportError> {
-    let names: Vec<String> = entries
-        .iter()
-        .map(|e| e.username.as_str().to_owned())
-        .collect();
-    let mut existing = session.existing(&names).await?;
+) -> Vec<Entry> {
     // A batch still being written has them as good as imported.
     for (name, print) in in_flight.into_iter().flatten() {
         existing.insert(
             name.clone(),
-            crate::store::import::Existing {
+            Existing {
                 user: true,
                 record: Some(print.clone()),
             },
@@ -553,7 +558,7 @@ async fn sort_out(
         first.insert(name.to_owned(), (e.line, e.fingerprint.clone()));
         keep.push(e);
     }
-    Ok(keep)
+    keep
 }
 
 async fn import_chunk(
@@ -565,9 +570,13 @@ async fn import_chunk(
     rejected: &mut Vec<Reject>,
 ) -> Result<(), ImportError> {
     if let Backend::Embedded { .. } = backend {
-        return import_chunk_embedded(backend, t, hasher, entries, summary, rejected).await;
+        return import_chunk_embedded(backend, hasher, entries, summary, rejected).await;
     }
-    let mut entries = sort_out(backend.session(), None, entries, summary, rejected).await?;
+    let Backend::Distributed { session, .. } = backend else {
+        unreachable!("embedded batches go through import_chunk_embedded")
+    };
+    let existing = session.existing(&names_of(&entries)).await?;
+    let mut entries = sort_out(existing, None, entries, summary, rejected);
     let mut users = hashed(hasher, entries.clone()).await;
     for round in 0.. {
         if users.is_empty() {
@@ -593,8 +602,11 @@ async fn import_chunk(
             }
             Err(ImportError::Store(StoreError::UsernameTaken)) => {
                 // A live signup took a name since step 1: sort again.
-                let kept =
-                    sort_out(backend.session(), None, entries.clone(), summary, rejected).await?;
+                let Backend::Distributed { session, .. } = &mut *backend else {
+                    unreachable!("distributed")
+                };
+                let existing = session.existing(&names_of(&entries)).await?;
+                let kept = sort_out(existing, None, entries.clone(), summary, rejected);
                 let names: std::collections::HashSet<String> = kept
                     .iter()
                     .map(|e| e.username.as_str().to_owned())
@@ -648,7 +660,6 @@ async fn hashed(hasher: &PasswordHasher, entries: Vec<Entry>) -> Vec<ImportUser>
 /// what was committed before stays (a re-run goes on from it).
 async fn import_chunk_embedded(
     backend: &mut Backend,
-    t: Threshold,
     hasher: &PasswordHasher,
     entries: Vec<Entry>,
     summary: &mut Summary,
@@ -665,22 +676,27 @@ async fn import_chunk_embedded(
         unreachable!("embedded backend")
     };
     let flying = in_flight.as_ref().map(|f| &f.names);
-    let entries = sort_out(session, flying, entries, summary, rejected).await?;
+    let existing = session.existing(&names_of(&entries)).await?;
+    let entries = sort_out(existing, flying, entries, summary, rejected);
     let mut users = hashed(hasher, entries).await;
     if users.is_empty() {
         return Ok(());
     }
-    let placed = place::decide(
-        t,
-        index.as_ref(),
-        users.iter().map(|u| (&u.attributes, &u.keys[..])),
-    );
+    // One signup after another against the index of every group: the
+    // committed ones, the batch in flight's, and this batch's so far, each
+    // under the id the writer will give it (ids are given in founding
+    // order, and only this process founds).
     let first = *next_id;
-    for (u, p) in users.iter_mut().zip(placed) {
-        u.placement = p;
-        if p == ImportPlacement::Found {
-            index.add_now(GroupId(*next_id), u.attributes.clone());
-            *next_id += 1;
+    for u in users.iter_mut() {
+        u.placement = match index.join_or_found(&u.attributes, GroupId(*next_id)) {
+            Some(g) if g.0 >= first => ImportPlacement::JoinFounded((g.0 - first) as usize),
+            Some(g) => ImportPlacement::Join(g),
+            None => {
+                *next_id += 1;
+                ImportPlacement::Found
+            }
+        };
+        if u.placement == ImportPlacement::Found {
             summary.founded += 1;
         } else {
             summary.joined += 1;

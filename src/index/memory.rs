@@ -221,6 +221,24 @@ impl MemoryIndex {
         })
     }
 
+    /// One signup decided and, if it founds, its group added, under one
+    /// lock (the embedded import): the id of the best group for `attrs`,
+    /// or None after adding `attrs` as group `id`.
+    pub fn join_or_found(&self, attrs: &AttributeSet, id: GroupId) -> Option<GroupId> {
+        let mut guard = self.inner.lock().expect("index mutex poisoned");
+        let inner = &mut *guard;
+        let mut scratch = std::mem::take(&mut inner.scratch);
+        let best = inner.best(self.t, attrs, &mut scratch);
+        inner.scratch = scratch;
+        match best {
+            Some(ordinal) => Some(inner.groups[ordinal as usize].0),
+            None => {
+                inner.insert(self.t, id, attrs.clone());
+                None
+            }
+        }
+    }
+
     /// Adds a committed group unless it is already there.
     pub fn add_now(&self, id: GroupId, attrs: AttributeSet) {
         let mut inner = self.inner.lock().expect("index mutex poisoned");

@@ -16,8 +16,9 @@ use crate::index::Candidate;
 pub enum Plan {
     /// Join this committed group.
     Join(Candidate),
-    /// Found a group with the user's attributes. The transaction inserts its
-    /// t-subsets and fails with [`StoreError::Overlap`] if any is taken.
+    /// Found a group with the user's attributes. In Postgres the transaction
+    /// inserts its t-subsets and fails with [`StoreError::Overlap`] if any
+    /// is taken (embedded mode's single decider needs no such check).
     Found,
 }
 
@@ -135,12 +136,13 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
-    /// Records this deployment's threshold on first start (building the
-    /// subset table for groups that predate it); returns the recorded one.
+    /// Records this deployment's threshold on first start (Postgres: building
+    /// the subset table for groups that predate it); returns the recorded one.
     async fn ensure_deployment(&self, t: Threshold) -> Result<usize, StoreError>;
     async fn username_taken(&self, username: &Username) -> Result<bool, StoreError>;
-    /// The group `attrs` joins among the committed ones, exactly (from the
-    /// subset table): the decision when the shared index cannot be used.
+    /// The group `attrs` joins among the committed ones, exactly (Postgres:
+    /// from the subset table): the decision when the shared index cannot be
+    /// used.
     async fn best_group(&self, attrs: &AttributeSet) -> Result<Option<Candidate>, StoreError>;
     /// Commits the user, and its group and the group's t-subsets if it
     /// founds one, and its idempotency key, in one transaction.

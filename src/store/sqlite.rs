@@ -2,6 +2,12 @@
 //! single-process mode. Every write is one transaction; `synchronous=FULL`
 //! so an acknowledged signup survives a crash or power loss.
 //!
+//! Unlike Postgres it keeps no t-subset table: the arbiter of "no two
+//! groups share t attributes" is the process itself, which holds the data
+//! directory's lock, decides signups one at a time against the in-process
+//! index and rebuilds that index from `groups` at each start (migration
+//! V7 says why the table went).
+//!
 //! rusqlite is blocking, so each call runs on tokio's blocking pool with the
 //! one connection behind a mutex (SQLite has a single writer anyway).
 
@@ -14,9 +20,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     Committed, Credentials, GroupInfo, GroupPage, Member, NewUser, Plan, PoolStats, Replay, Store,
-    StoreError, UserRecord, best_of,
+    StoreError, UserRecord,
 };
-use crate::domain::grouping::subset_keys;
 use crate::domain::{AttributeSet, GroupId, Threshold, UserId, Username};
 use crate::index::Candidate;
 
@@ -74,17 +79,6 @@ impl SqliteStore {
         embedded::migrations::runner()
             .run(&mut conn)
             .map_err(|e| format!("migration of {} failed: {e}", path.display()))?;
-        if let Some(n) = complete_subsets(&mut conn).map_err(|e| {
-            format!(
-                "cannot complete the subset table of {}: {e}",
-                path.display()
-            )
-        })? {
-            tracing::info!(
-                groups = n,
-                "completed the subset table an interrupted import left pending"
-            );
-        }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             t,
@@ -113,246 +107,34 @@ fn is_unique(e: &rusqlite::Error) -> bool {
             || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
-/// See `postgres::backfill_subsets`: the same, in the caller's transaction.
-fn backfill_subsets(tx: &rusqlite::Transaction<'_>, t: Threshold) -> Result<u64, StoreError> {
-    write_subsets(tx, t, i64::MIN)
-}
-
-/// Groups whose subset rows `write_subsets` reads, sorts and writes at a
-/// time: a few hundred MB of keys at most.
-const SUBSET_CHUNK_GROUPS: i64 = 250_000;
-
-/// Page cache while `write_subsets` runs, in KiB.
-const WRITE_CACHE_KIB: i64 = 1 << 20;
-
-/// Writes the subset rows of the groups from id `from` on, in the caller's
-/// transaction. Keys go in sorted, so the table is written page after page
-/// where random keys would dirty nearly every page of it. A key already
-/// taken goes to `group_subset_overlaps` (the group stays findable and
-/// nothing new can overlap it): with keys sorted by (key, id) and chunks
-/// in id order, the smallest id keeps the main row, as an insert in id
-/// order would give.
-fn write_subsets(
-    tx: &rusqlite::Transaction<'_>,
-    t: Threshold,
-    from: i64,
-) -> Result<u64, StoreError> {
-    let deployed = t.get() as i64;
-    let mut read = tx
-        .prepare("SELECT id, attributes FROM groups WHERE id >= ?1 AND id < ?2 ORDER BY id")
-        .map_err(unavailable)?;
-    let mut writer = SubsetWriter::new(tx, deployed)?;
-    let (first, last): (Option<i64>, Option<i64>) = tx
-        .query_row(
-            "SELECT min(id), max(id) FROM groups WHERE id >= ?1",
-            [from],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .map_err(unavailable)?;
-    let (Some(mut start), Some(last)) = (first, last) else {
-        return Ok(0);
-    };
-    // The table is written page after page; with SQLite's default cache
-    // (2 MB) every page would go out to the WAL and be read back from it.
-    let cache: i64 = tx
-        .query_row("PRAGMA cache_size", [], |r| r.get(0))
-        .map_err(unavailable)?;
-    tx.execute_batch(&format!("PRAGMA cache_size = -{WRITE_CACHE_KIB}"))
-        .map_err(unavailable)?;
-    let mut groups = 0u64;
-    while start <= last {
-        let end = start.saturating_add(SUBSET_CHUNK_GROUPS);
-        let mut rows: Vec<(u128, i64)> = Vec::new();
-        let mut q = read.query(params![start, end]).map_err(unavailable)?;
-        while let Some(r) = q.next().map_err(unavailable)? {
-            let id: i64 = r.get(0).map_err(unavailable)?;
-            let a: String = r.get(1).map_err(unavailable)?;
-            let attrs = attrs_from_json(&a)?;
-            rows.extend(
-                subset_keys(&attrs, t)
-                    .into_iter()
-                    .map(|k| (u128::from_be_bytes(k), id)),
-            );
-            groups += 1;
-        }
-        rows.sort_unstable();
-        for run in rows.chunks(ROWS_PER_INSERT) {
-            writer.write(run)?;
-        }
-        start = end;
-    }
-    tx.execute_batch(&format!("PRAGMA cache_size = {cache}"))
-        .map_err(unavailable)?;
-    Ok(groups)
-}
-
 impl SqliteStore {
     /// Changes the data directory's threshold (the server stopped: the
-    /// caller holds the directory's lock): rebuilds the subset table for
-    /// the new one, in one transaction. Existing groups stay as they are;
-    /// after a lowering, those that now overlap keep their keys as overlap
-    /// rows, as in Postgres. Returns the old threshold and the groups.
+    /// caller holds the directory's lock). Existing groups stay as they
+    /// are; the next start indexes them for the new threshold (after a
+    /// lowering, groups that now overlap share keys in the index, whose
+    /// slots hold sets, so a newcomer still gets the best of them).
+    /// Returns the old threshold and the number of groups.
     pub async fn set_threshold(&self, t: Threshold) -> Result<(usize, u64), StoreError> {
         self.with(move |c| {
-            without_fk_checks(c, |c| {
-                let tx = c.transaction().map_err(unavailable)?;
-                let old: Option<i64> = tx
-                    .query_row("SELECT threshold FROM deployment", [], |r| r.get(0))
-                    .optional()
-                    .map_err(unavailable)?;
-                tx.execute_batch("DELETE FROM group_subsets; DELETE FROM group_subset_overlaps;")
-                    .map_err(unavailable)?;
-                let n = write_subsets(&tx, t, i64::MIN)?;
-                // Every group's rows are written: nothing left pending.
-                tx.execute(
-                    "INSERT INTO deployment (singleton, threshold) VALUES (1, ?1) \
-                     ON CONFLICT (singleton) DO UPDATE SET threshold = excluded.threshold, \
-                     subsets_from = NULL",
-                    [t.get() as i64],
-                )
+            let tx = c.transaction().map_err(unavailable)?;
+            let old: Option<i64> = tx
+                .query_row("SELECT threshold FROM deployment", [], |r| r.get(0))
+                .optional()
                 .map_err(unavailable)?;
-                tx.commit().map_err(unavailable)?;
-                Ok((old.unwrap_or(0) as usize, n))
-            })
+            tx.execute(
+                "INSERT INTO deployment (singleton, threshold) VALUES (1, ?1) \
+                 ON CONFLICT (singleton) DO UPDATE SET threshold = excluded.threshold",
+                [t.get() as i64],
+            )
+            .map_err(unavailable)?;
+            let groups: i64 = tx
+                .query_row("SELECT count(*) FROM groups", [], |r| r.get(0))
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok((old.unwrap_or(0) as usize, groups as u64))
         })
         .await
     }
-}
-
-/// Rows a statement of `SubsetWriter` inserts at once.
-const ROWS_PER_INSERT: usize = 64;
-
-/// Inserts sorted (key, group id) rows, `ROWS_PER_INSERT` a statement: one
-/// statement keeps its cursor on the page the last row went to, where a
-/// statement a row descends the tree from the root for each (a third less
-/// time for the rows of a 10^6-user import). A key already taken goes to
-/// `group_subset_overlaps`: when a statement inserted fewer rows than it
-/// had, its rows are looked at one by one.
-struct SubsetWriter<'c> {
-    t: i64,
-    many: rusqlite::CachedStatement<'c>,
-    one: rusqlite::CachedStatement<'c>,
-    owner: rusqlite::CachedStatement<'c>,
-    extra: rusqlite::CachedStatement<'c>,
-}
-
-impl<'c> SubsetWriter<'c> {
-    fn new(c: &'c Connection, t: i64) -> Result<Self, StoreError> {
-        let values = vec!["(?, ?, ?)"; ROWS_PER_INSERT].join(", ");
-        Ok(Self {
-            t,
-            many: c
-                .prepare_cached(&format!(
-                    "INSERT OR IGNORE INTO group_subsets (threshold, subset, group_id) VALUES {values}"
-                ))
-                .map_err(unavailable)?,
-            one: c
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO group_subsets (threshold, subset, group_id) VALUES (?1, ?2, ?3)",
-                )
-                .map_err(unavailable)?,
-            owner: c
-                .prepare_cached(
-                    "SELECT group_id FROM group_subsets WHERE threshold = ?1 AND subset = ?2",
-                )
-                .map_err(unavailable)?,
-            extra: c
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO group_subset_overlaps (threshold, subset, group_id) VALUES (?1, ?2, ?3)",
-                )
-                .map_err(unavailable)?,
-        })
-    }
-
-    fn write(&mut self, rows: &[(u128, i64)]) -> Result<(), StoreError> {
-        let inserted = if rows.len() == ROWS_PER_INSERT {
-            for (i, (k, id)) in rows.iter().enumerate() {
-                let k = k.to_be_bytes();
-                self.many
-                    .raw_bind_parameter(3 * i + 1, self.t)
-                    .and_then(|_| self.many.raw_bind_parameter(3 * i + 2, &k[..]))
-                    .and_then(|_| self.many.raw_bind_parameter(3 * i + 3, id))
-                    .map_err(unavailable)?;
-            }
-            self.many.raw_execute().map_err(unavailable)?
-        } else {
-            let mut n = 0;
-            for (k, id) in rows {
-                n += self
-                    .one
-                    .execute(params![self.t, &k.to_be_bytes()[..], id])
-                    .map_err(unavailable)?;
-            }
-            n
-        };
-        if inserted == rows.len() {
-            return Ok(());
-        }
-        // Some key was taken (before, or by an earlier row here): the rows
-        // whose key another group holds are overlaps.
-        for (k, id) in rows {
-            let k = k.to_be_bytes();
-            let owner: i64 = self
-                .owner
-                .query_row(params![self.t, &k[..]], |r| r.get(0))
-                .map_err(unavailable)?;
-            if owner != *id {
-                self.extra
-                    .execute(params![self.t, &k[..], id])
-                    .map_err(unavailable)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Writes the subset rows of the groups an import left pending
-/// (`deployment.subsets_from`, see `sqlite_import`) and clears the mark, in
-/// one transaction; `None` when nothing was pending.
-pub(crate) fn complete_subsets(c: &mut Connection) -> Result<Option<u64>, StoreError> {
-    let pending: Option<(i64, i64)> = c
-        .query_row(
-            "SELECT subsets_from, threshold FROM deployment WHERE subsets_from IS NOT NULL",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .map_err(unavailable)?;
-    let Some((from, deployed)) = pending else {
-        return Ok(None);
-    };
-    let t = Threshold::new(deployed as usize, deployed as usize).map_err(corrupt)?;
-    without_fk_checks(c, |c| {
-        let tx = c.transaction().map_err(unavailable)?;
-        let groups = write_subsets(&tx, t, from)?;
-        tx.execute("UPDATE deployment SET subsets_from = NULL", [])
-            .map_err(unavailable)?;
-        tx.commit().map_err(unavailable)?;
-        Ok(Some(groups))
-    })
-}
-
-/// Runs `f` with this connection's foreign-key checks off, then as they
-/// were. For `write_subsets`: every row it writes names a group it has just
-/// read in the same transaction, and groups are never deleted, so the
-/// check (a `groups` lookup a row, a third of the time of writing the rows)
-/// cannot fail. The pragma is a no-op inside a transaction: `f` opens its
-/// own.
-fn without_fk_checks<T>(
-    c: &mut Connection,
-    f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let was: bool = c
-        .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
-        .map_err(unavailable)?;
-    c.execute_batch("PRAGMA foreign_keys = OFF")
-        .map_err(unavailable)?;
-    let out = f(c);
-    if was {
-        c.execute_batch("PRAGMA foreign_keys = ON")
-            .map_err(unavailable)?;
-    }
-    out
 }
 
 fn read_replay(c: &Connection, key: &str) -> Result<Option<Replay>, StoreError> {
@@ -422,15 +204,11 @@ impl Store for SqliteStore {
     async fn ensure_deployment(&self, t: Threshold) -> Result<usize, StoreError> {
         self.with(move |c| {
             let tx = c.transaction().map_err(unavailable)?;
-            let created = tx
-                .execute(
-                    "INSERT OR IGNORE INTO deployment (singleton, threshold) VALUES (1, ?1)",
-                    [t.get() as i64],
-                )
-                .map_err(unavailable)?;
-            if created == 1 {
-                backfill_subsets(&tx, t)?;
-            }
+            tx.execute(
+                "INSERT OR IGNORE INTO deployment (singleton, threshold) VALUES (1, ?1)",
+                [t.get() as i64],
+            )
+            .map_err(unavailable)?;
             let deployed: i64 = tx
                 .query_row("SELECT threshold FROM deployment", [], |r| r.get(0))
                 .map_err(unavailable)?;
@@ -440,33 +218,31 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// A scan of every group, in id order. Embedded mode keeps no subset
+    /// table: one process holds the data directory's lock, decides every
+    /// signup under one mutex against the in-process index, and rebuilds
+    /// that index from `groups` at each start, so the index is the arbiter
+    /// and never fails; a copy of it on disk cost C(k, t) rows a founding
+    /// (most of an import's time and of the file). This exact answer is
+    /// there for the trait's sake, not for a path the server takes.
     async fn best_group(&self, attrs: &AttributeSet) -> Result<Option<Candidate>, StoreError> {
-        let keys = subset_keys(attrs, self.t);
         let t = self.t;
         let attrs = attrs.clone();
         self.with(move |c| {
             let mut stmt = c
-                .prepare_cached(
-                    "SELECT g.id, g.attributes FROM groups g WHERE g.id IN ( \
-                       SELECT group_id FROM group_subsets WHERE threshold = ?1 AND subset = ?2 \
-                       UNION SELECT group_id FROM group_subset_overlaps WHERE threshold = ?1 AND subset = ?2)",
-                )
+                .prepare_cached("SELECT id, attributes FROM groups ORDER BY id")
                 .map_err(unavailable)?;
-            let mut candidates: Vec<(GroupId, AttributeSet)> = Vec::new();
-            for k in keys {
-                let rows = stmt
-                    .query_map(params![t.get() as i64, &k[..]], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                    })
-                    .map_err(unavailable)?;
-                for row in rows {
-                    let (id, a) = row.map_err(unavailable)?;
-                    if !candidates.iter().any(|(g, _)| g.0 == id) {
-                        candidates.push((GroupId(id), attrs_from_json(&a)?));
-                    }
+            let mut rows = stmt.query([]).map_err(unavailable)?;
+            let mut best: Option<(usize, GroupId, AttributeSet)> = None;
+            while let Some(r) = rows.next().map_err(unavailable)? {
+                let g = attrs_from_json(&r.get::<_, String>(1).map_err(unavailable)?)?;
+                let m = g.overlap(&attrs);
+                // In id order: on a tie the earlier (smaller) id stays.
+                if m >= t.get() && best.as_ref().is_none_or(|(b, _, _)| m > *b) {
+                    best = Some((m, GroupId(r.get(0).map_err(unavailable)?), g));
                 }
             }
-            Ok(best_of(candidates, &attrs, t))
+            Ok(best.map(|(_, id, attributes)| Candidate { id, attributes }))
         })
         .await
     }
@@ -496,20 +272,6 @@ impl Store for SqliteStore {
                     )
                     .map_err(unavailable)?;
                     let id = tx.last_insert_rowid();
-                    let mut ins = tx
-                        .prepare_cached(
-                            "INSERT INTO group_subsets (threshold, subset, group_id) VALUES (?1, ?2, ?3)",
-                        )
-                        .map_err(unavailable)?;
-                    for k in subset_keys(&user.attributes, t) {
-                        ins.execute(params![t.get() as i64, &k[..], id]).map_err(|e| {
-                            if is_unique(&e) {
-                                StoreError::Overlap
-                            } else {
-                                unavailable(e)
-                            }
-                        })?;
-                    }
                     (GroupId(id), user.attributes.clone(), true)
                 }
             };

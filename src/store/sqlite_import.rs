@@ -2,31 +2,18 @@
 //! connection and helpers). The data directory's lock already keeps every
 //! other process out, so a batch's transaction needs no lock of its own; it
 //! is `BEGIN IMMEDIATE` all the same, and the page cache is enlarged for
-//! the session.
-//!
-//! The batches write no subset rows. Their keys are random, so inserting a
-//! batch's rows dirtied nearly every page of the subset table, and every
-//! commit wrote the table again (its WAL, then the checkpoint): the largest
-//! cost of an embedded import. Instead a batch records, in its own
-//! transaction, from which group id on the rows are pending
-//! (`deployment.subsets_from`), and `finish` writes them all, sorted, once
-//! (`complete_subsets`). Nothing decides from the table meanwhile: the
-//! import decides from the in-process index, and no server runs (the lock).
-//! If the import is killed, whoever opens the store next (the server, the
-//! import run again, `verify`) completes the table before anything else.
+//! the session. Batches are written by `write_batch` while the import
+//! decides the next one (see `crate::import`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, params};
 
-use super::{
-    SqliteStore, attrs_from_json, attrs_to_json, complete_subsets, is_unique, unavailable,
-};
+use super::{SqliteStore, attrs_to_json, is_unique, unavailable};
 use crate::domain::{GroupId, Threshold};
 use crate::store::StoreError;
-use crate::store::import::{Existing, ImportPlacement, ImportSession, ImportUser, Owner, Written};
+use crate::store::import::{Existing, ImportPlacement, ImportUser};
 
 /// Page cache for an import session, in KiB (SQLite's negative form).
 const IMPORT_CACHE_KIB: i64 = 1 << 20;
@@ -55,9 +42,8 @@ impl SqliteStore {
             // directory's lock), and it is back to FULL before the
             // session ends.
             //
-            // Foreign keys off: checking them was a fifth of the import's
-            // CPU (a `groups` lookup for every subset row and every user),
-            // and a batch cannot break them: every group id it writes is
+            // Foreign keys off: checking them costs a `groups` lookup for
+            // every user, and a batch cannot break them: every group id it writes is
             // one it inserted just before in the same transaction, or one
             // the in-process index holds, which holds committed groups
             // only; groups are never deleted. A pragma of this connection
@@ -118,8 +104,7 @@ fn next_group_id(c: &Connection) -> Result<i64, StoreError> {
 }
 
 /// A batch's rows in the open transaction: its groups numbered from
-/// `next`, its users in file order, their import records. The subset rows
-/// wait for the end of the import (see the module's doc).
+/// `next`, its users in file order, their import records.
 fn write_rows(c: &Connection, users: &[ImportUser], next: i64) -> Result<Vec<GroupId>, StoreError> {
     let stamp = chrono::Utc::now().to_rfc3339();
     let mut founded = Vec::new();
@@ -137,14 +122,6 @@ fn write_rows(c: &Connection, users: &[ImportUser], next: i64) -> Result<Vec<Gro
                 .map_err(unavailable)?;
             founded.push(GroupId(id));
         }
-    }
-    // From the batch's first group on, no subset rows yet.
-    if let Some(first) = founded.first() {
-        c.execute(
-            "UPDATE deployment SET subsets_from = coalesce(subsets_from, ?1)",
-            [first.0],
-        )
-        .map_err(unavailable)?;
     }
     let mut user = c
         .prepare_cached(
@@ -234,10 +211,10 @@ impl SqliteImportSession {
     }
 }
 
-#[async_trait]
-impl ImportSession for SqliteImportSession {
-    async fn existing(
-        &mut self,
+impl SqliteImportSession {
+    /// The usernames of `names` that exist or were imported.
+    pub async fn existing(
+        &self,
         names: &[String],
     ) -> Result<HashMap<String, Existing>, StoreError> {
         let mut names = names.to_vec();
@@ -274,87 +251,12 @@ impl ImportSession for SqliteImportSession {
         .map_err(unavailable)?
     }
 
-    async fn begin(&mut self) -> Result<(), StoreError> {
-        let t = self.store.t;
-        self.store.with(move |c| begin_batch(c, t)).await
-    }
-
-    async fn owners(&mut self, keys: &[&[u8]]) -> Result<Vec<Owner>, StoreError> {
-        let keys: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
-        let t = self.store.t.get() as i64;
-        self.store
-            .with(move |c| {
-                let mut stmt = c
-                    .prepare_cached(
-                        "SELECT g.id, g.attributes FROM groups g WHERE g.id IN ( \
-                           SELECT group_id FROM group_subsets WHERE threshold = ?1 AND subset = ?2 \
-                           UNION SELECT group_id FROM group_subset_overlaps WHERE threshold = ?1 AND subset = ?2)",
-                    )
-                    .map_err(unavailable)?;
-                let mut out = Vec::new();
-                for k in keys {
-                    let rows = stmt
-                        .query_map(params![t, k], |r| {
-                            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-                        })
-                        .map_err(unavailable)?;
-                    for row in rows {
-                        let (id, a) = row.map_err(unavailable)?;
-                        out.push((k.clone(), GroupId(id), attrs_from_json(&a)?));
-                    }
-                }
-                Ok(out)
-            })
-            .await
-    }
-
-    async fn write(&mut self, users: &[ImportUser]) -> Result<Written, StoreError> {
-        let users = users.to_vec();
-        self.store
-            .with(move |c| {
-                let next = next_group_id(c)?;
-                Ok(Written {
-                    founded: write_rows(c, &users, next)?,
-                    dirty_mark: None,
-                })
-            })
-            .await
-    }
-
-    async fn commit(&mut self) -> Result<(), StoreError> {
-        self.store
-            .with(|c| c.execute_batch("COMMIT").map_err(unavailable))
-            .await
-    }
-
-    async fn rollback(&mut self) -> Result<(), StoreError> {
+    /// Back to FULL and foreign keys on, and a checkpoint that syncs the
+    /// WAL and the database: when the import reports success, every batch
+    /// is on disk.
+    pub async fn finish(&mut self) -> Result<(), StoreError> {
         self.store
             .with(|c| {
-                if c.is_autocommit() {
-                    return Ok(());
-                }
-                c.execute_batch("ROLLBACK").map_err(unavailable)
-            })
-            .await
-    }
-
-    async fn lift_dirty_mark(&mut self, _mark: i64, _server: &str) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-
-    async fn mark_indexed(&mut self, _ids: &[GroupId]) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    /// The pending subset rows, then back to FULL and foreign keys on, and
-    /// a checkpoint that syncs the WAL and the database: when the import
-    /// reports success, every batch and the whole subset table are on disk.
-    async fn finish(&mut self) -> Result<(), StoreError> {
-        self.store
-            .with(|c| {
-                if let Some(n) = complete_subsets(c)? {
-                    tracing::debug!(groups = n, "subset rows of the imported groups written");
-                }
                 c.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON")
                     .map_err(unavailable)?;
                 c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))

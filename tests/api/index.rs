@@ -260,9 +260,9 @@ async fn reindex_and_verify_commands() {
 
 /// Groups that share t attributes cannot be founded at this threshold,
 /// but exist after it was lowered (`cohort set-threshold`, which rebuilds
-/// the subset table: in Postgres, or in SQLite in embedded mode). Both the
-/// table and the index keep every one of them findable, and none can be
-/// overlapped again.
+/// Postgres's subset table; embedded mode indexes its groups for the new
+/// threshold at the next start). The table and the index keep every one of
+/// them findable, and none can be overlapped again.
 async fn overlapping_groups_after_lowering(mode: Mode) {
     let backing = Backing::new(mode).await;
     let t4 = spawn_with(backing.clone(), |s| s.match_threshold = 4).await;
@@ -283,7 +283,7 @@ async fn overlapping_groups_after_lowering(mode: Mode) {
         String::from_utf8_lossy(&out.stderr)
     );
     // The rebuilt table holds every group's 3-subsets (the overlapping ones
-    // as overlap rows), and nothing else.
+    // as overlap rows), and nothing else (Postgres).
     assert_subset_table_complete(&backing, 3).await;
     let t3 = spawn_with(backing.clone(), |_| {}).await;
     // She shares 4 with bob's group, 3 with the others.
