@@ -248,6 +248,9 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary, ImportError> 
     let result = async {
         while let Some(v) = vrx.recv().await {
             let v = v?;
+            if summary.lines == 0 {
+                reserve_index(&backend, total, &v);
+            }
             summary.lines += v.lines;
             let mut rejected = v.rejects;
             import_chunk(
@@ -368,6 +371,22 @@ async fn connect(config: &Config) -> Result<(Backend, Vec<u8>), ImportError> {
                 b.jwt_secret,
             ))
         }
+    }
+}
+
+/// Groups the index makes room for ahead at most: past this it grows by
+/// doubling as usual (memory stays what the groups need).
+const RESERVE_MAX_GROUPS: usize = 1_000_000;
+
+/// Embedded mode: room in the in-process index for as many groups as the
+/// file seems to have lines (from the first chunk's bytes a line), so
+/// that it is not rebuilt at each doubling on the way.
+fn reserve_index(backend: &Backend, total: Option<u64>, first: &Validated) {
+    if let (Backend::Embedded { index, .. }, Some(total)) = (backend, total)
+        && first.bytes > 0
+    {
+        let lines = total as f64 * first.lines as f64 / first.bytes as f64;
+        index.reserve((lines as usize).min(RESERVE_MAX_GROUPS));
     }
 }
 

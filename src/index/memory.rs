@@ -221,6 +221,18 @@ impl MemoryIndex {
         })
     }
 
+    /// Room for `groups` more groups of typical size, made at once (the
+    /// embedded import, which can estimate them from the file's size):
+    /// growing one doubling at a time would rebuild the table from the
+    /// arena at each, and zero each new table as it is first touched.
+    pub fn reserve(&self, groups: usize) {
+        let more = groups.saturating_mul(binomial(6.max(self.t.get()), self.t.get()) as usize);
+        let mut inner = self.inner.lock().expect("index mutex poisoned");
+        if !inner.table.fits(more) {
+            inner.grow(self.t, more);
+        }
+    }
+
     /// One signup decided and, if it founds, its group added, under one
     /// lock (the embedded import): the id of the best group for `attrs`,
     /// or None after adding `attrs` as group `id`.
@@ -537,10 +549,48 @@ mod tests {
             .collect();
         for (i, g) in groups.iter().enumerate() {
             ix.add_now(GroupId(i as i64 + 1), g.clone());
+            // Room made ahead, mid-way, as the import does.
+            if i == 1_000 {
+                ix.reserve(10_000);
+            }
         }
         assert_eq!(ix.len(), groups.len());
         for (i, g) in groups.iter().enumerate() {
             assert_eq!(ix.best_now(g).map(|c| c.id), Some(GroupId(i as i64 + 1)));
+        }
+    }
+
+    /// The embedded import's decision: the best group, or a founding under
+    /// the given id, exactly as the reference decides one signup after
+    /// another.
+    #[test]
+    fn join_or_found_decides_as_the_reference() {
+        let t = Threshold::new(3, 16).unwrap();
+        let rules = AttributeRules { min: 3, max: 16 };
+        let vocab = ["a", "b", "c", "d", "e", "f", "g", "h"];
+        let ix = MemoryIndex::new(t);
+        let mut reference = crate::domain::grouping::LinearScan::new(t);
+        let mut next = 1;
+        for n in 0..2_000u64 {
+            let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut raw = Vec::new();
+            while raw.len() < 3 + (n % 3) as usize {
+                let v = vocab[(x % 8) as usize];
+                if !raw.contains(&v) {
+                    raw.push(v);
+                }
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            }
+            let u = AttributeSet::parse(&raw, rules).unwrap();
+            let want = reference.assign(&u);
+            let got = match ix.join_or_found(&u, GroupId(next)) {
+                Some(g) => g,
+                None => {
+                    next += 1;
+                    GroupId(next - 1)
+                }
+            };
+            assert_eq!(got, want.group_id, "signup {n}");
         }
     }
 

@@ -294,6 +294,12 @@ impl Store for SqliteStore {
                 }
             })?;
             let user_id = tx.last_insert_rowid();
+            // Counted here, not by a trigger (migration V8).
+            tx.execute(
+                "UPDATE groups SET member_count = member_count + 1 WHERE id = ?1",
+                [group_id.0],
+            )
+            .map_err(unavailable)?;
             if let Some(k) = &user.idempotency {
                 let cutoff = (now - chrono::Duration::hours(24)).to_rfc3339();
                 tx.execute(

@@ -104,13 +104,32 @@ fn next_group_id(c: &Connection) -> Result<i64, StoreError> {
 }
 
 /// A batch's rows in the open transaction: its groups numbered from
-/// `next`, its users in file order, their import records.
+/// `next`, its users in file order, their import records, and the member
+/// counts (migration V8): a founded group is inserted with its batch's
+/// members counted, an older group gains them in one update.
 fn write_rows(c: &Connection, users: &[ImportUser], next: i64) -> Result<Vec<GroupId>, StoreError> {
     let stamp = chrono::Utc::now().to_rfc3339();
-    let mut founded = Vec::new();
+    // Members a founded group (by founding order) and an older group get.
+    let mut founders = 0usize;
+    let mut new_members: Vec<i64> = Vec::new();
+    let mut old_members: std::collections::BTreeMap<i64, i64> = Default::default();
+    for u in users {
+        match u.placement {
+            ImportPlacement::Found => {
+                founders += 1;
+                new_members.push(1);
+            }
+            ImportPlacement::JoinFounded(n) => new_members[n] += 1,
+            ImportPlacement::Join(g) => *old_members.entry(g.0).or_default() += 1,
+        }
+    }
+    let mut founded = Vec::with_capacity(founders);
     {
         let mut group = c
-            .prepare_cached("INSERT INTO groups (id, attributes, created_at) VALUES (?1, ?2, ?3)")
+            .prepare_cached(
+                "INSERT INTO groups (id, attributes, created_at, member_count) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
             .map_err(unavailable)?;
         for u in users
             .iter()
@@ -118,9 +137,21 @@ fn write_rows(c: &Connection, users: &[ImportUser], next: i64) -> Result<Vec<Gro
         {
             let id = next + founded.len() as i64;
             group
-                .execute(params![id, attrs_to_json(&u.attributes), stamp])
+                .execute(params![
+                    id,
+                    attrs_to_json(&u.attributes),
+                    stamp,
+                    new_members[founded.len()]
+                ])
                 .map_err(unavailable)?;
             founded.push(GroupId(id));
+        }
+        // In id order: neighbouring groups share pages.
+        let mut grow = c
+            .prepare_cached("UPDATE groups SET member_count = member_count + ?2 WHERE id = ?1")
+            .map_err(unavailable)?;
+        for (g, n) in old_members {
+            grow.execute([g, n]).map_err(unavailable)?;
         }
     }
     let mut user = c

@@ -152,6 +152,42 @@ async fn assert_db_invariants(backing: &Backing) {
         let (users, groups) = db_snapshot(db).await;
         assert_invariants(&users, &groups, 3);
     }
+    assert_member_counts(backing).await;
+}
+
+/// Every group's member count, kept as data, is the number of its users.
+async fn assert_member_counts(backing: &Backing) {
+    let wrong: Vec<(i64, i64, i64)> = match backing {
+        Backing::Distributed { db, .. } => db
+            .client()
+            .await
+            .query(
+                "SELECT g.id, \
+                   coalesce((SELECT sum(n) FROM group_member_counts c WHERE c.group_id = g.id), 0)::bigint, \
+                   (SELECT count(*) FROM users u WHERE u.group_id = g.id) \
+                 FROM groups g",
+                &[],
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .filter(|(_, kept, counted)| kept != counted)
+            .collect(),
+        Backing::Embedded { dir } => {
+            let c = rusqlite::Connection::open(dir.path().join("cohort.sqlite3")).unwrap();
+            c.prepare(
+                "SELECT g.id, g.member_count, (SELECT count(*) FROM users u WHERE u.group_id = g.id) \
+                 FROM groups g WHERE g.member_count <> (SELECT count(*) FROM users u WHERE u.group_id = g.id)",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+        }
+    };
+    assert!(wrong.is_empty(), "(group, kept count, members): {wrong:?}");
 }
 
 async fn differential(mode: Mode) {
