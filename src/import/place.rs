@@ -16,8 +16,9 @@ pub trait Committed {
     fn best(&self, attrs: &AttributeSet, keys: &[SubsetKey]) -> Option<Candidate>;
 }
 
-/// The whole committed population, in process (embedded mode: this process
-/// is the only writer).
+/// The whole committed population, in process: the reference the batch
+/// tests decide against (the embedded import decides in the index itself,
+/// `MemoryIndex::join_or_found`).
 impl Committed for MemoryIndex {
     fn best(&self, attrs: &AttributeSet, _keys: &[SubsetKey]) -> Option<Candidate> {
         self.best_now(attrs)

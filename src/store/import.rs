@@ -55,9 +55,11 @@ pub struct Written {
 /// A committed group owning one t-subset key.
 pub type Owner = (Vec<u8>, GroupId, AttributeSet);
 
-/// One process importing: holds what keeps other importers and index syncs
-/// out for its whole life (Postgres: the sync advisory lock on a connection
-/// of its own; embedded: the data directory's lock, already held).
+/// One process importing into Postgres: holds what keeps other importers
+/// and index syncs out for its whole life (the sync advisory lock on a
+/// connection of its own). The embedded import needs none of the batch
+/// protocol: it holds the data directory's lock and decides in process
+/// (`store::sqlite::import`).
 #[async_trait]
 pub trait ImportSession: Send {
     /// The usernames of `names` that exist or were imported.
@@ -81,8 +83,8 @@ pub trait ImportSession: Send {
     async fn lift_dirty_mark(&mut self, mark: i64, server: &str) -> Result<bool, StoreError>;
     /// Distributed mode: records that these groups are in the index.
     async fn mark_indexed(&mut self, ids: &[GroupId]) -> Result<(), StoreError>;
-    /// After the last batch: makes every committed batch durable (the
-    /// embedded session commits its batches without waiting for the disk).
+    /// After the last batch: anything left to make every committed batch
+    /// durable.
     async fn finish(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
