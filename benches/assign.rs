@@ -157,6 +157,9 @@ impl IndexSource for InMemorySource {
     async fn mark_indexed(&self, _: &[GroupId]) -> Result<(), IndexError> {
         Ok(())
     }
+    async fn mark_indexed_unless_locked(&self, _: &[GroupId]) -> Result<bool, IndexError> {
+        Ok(true)
+    }
     async fn marks(&self) -> Result<IndexMarks, IndexError> {
         Ok(IndexMarks::default())
     }

@@ -72,8 +72,9 @@ async fn main() -> ExitCode {
             rejects,
             batch,
             json,
+            decide,
             ..
-        } => import(config, file, rejects, batch, json).await,
+        } => import(config, file, rejects, batch, json, decide).await,
         Command::Stats { json, top, .. } => stats(config, json, top).await,
         Command::Completions { .. } => unreachable!("handled above"),
     };
@@ -326,12 +327,14 @@ async fn import(
     rejects: Option<std::path::PathBuf>,
     batch: usize,
     json: bool,
+    decide: cohort::import::Decide,
 ) -> anyhow::Result<ExitCode> {
     let opts = cohort::import::Options {
         file,
         rejects,
         batch,
         json,
+        decide,
     };
     let summary = cohort::import::run(config, opts).await?;
     if json {

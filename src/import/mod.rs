@@ -23,9 +23,17 @@
 //!    foundings in flight commit first, new ones wait until we end; joins
 //!    go on.
 //! 3. Decide (`place`), in file order: each line against the committed
-//!    owners of the batch's t-subsets, read now (every group it could join;
-//!    none can appear until we commit), and the groups of the lines before
-//!    it in the batch. *Reads only.*
+//!    groups (none can appear until we commit) and the groups of the lines
+//!    before it in the batch. *Reads only.* The committed groups are, with
+//!    `--decide memory` (the default below 4 million groups), every group
+//!    held in this process: all of them, loaded once the session holds the
+//!    sync lock, plus, at each batch, the unindexed groups it does not know
+//!    yet. That read misses none: groups are never deleted, and while the
+//!    session holds the sync lock no one else marks a group indexed, so a
+//!    group committed after the load is unindexed until this session adds
+//!    it. With `--decide database`, the committed owners of the batch's
+//!    t-subsets, read now (every group a line could join): no memory, but a
+//!    million index probes a batch of 50,000.
 //! 4. Write and commit: the groups (ids from the sequence, ascending in
 //!    file order, `indexed` false), their subsets (the primary key still
 //!    arbitrates), the users in file order, the import records, and
@@ -116,7 +124,34 @@ pub struct Options {
     pub batch: usize,
     /// The summary as JSON on standard output; no progress bar.
     pub json: bool,
+    /// Distributed mode: what each line is decided against.
+    pub decide: Decide,
 }
+
+/// What a distributed import decides each line against. Both are exact;
+/// they differ in speed and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Decide {
+    /// `memory` up to 4 million groups at the start, `database` above.
+    #[default]
+    Auto,
+    /// Every group held in this process (loaded at the start, ~0.5 KB a
+    /// group), and the groups others commit read at each batch.
+    Memory,
+    /// The committed owners of each batch's t-subsets, probed in Postgres
+    /// (a million index probes a batch of 50,000): little memory.
+    Database,
+}
+
+/// Above this many groups at the start, `auto` decides against the
+/// database: the groups in memory would take gigabytes.
+const MEMORY_MAX_GROUPS: u64 = 4_000_000;
+
+/// Groups added to Redis a pipeline when publishing a batch.
+const PUBLISH_CHUNK: usize = 2_000;
+
+/// Groups read a statement when loading them into memory.
+const LOAD_PAGE: usize = 50_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -143,6 +178,8 @@ enum Backend {
     Distributed {
         session: Box<crate::store::postgres::import::PgImportSession>,
         redis: Box<RedisIndex>,
+        /// Every committed group, when deciding in memory.
+        known: Option<Arc<MemoryIndex>>,
     },
     Embedded {
         session: crate::store::sqlite::import::SqliteImportSession,
@@ -213,7 +250,7 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary, ImportError> 
         path: rejects_path.display().to_string(),
         source: e,
     })?;
-    let (mut backend, secret) = connect(&config).await?;
+    let (mut backend, secret) = connect(&config, opts.decide).await?;
     let rules = Rules {
         attributes: config.rules,
         threshold: t,
@@ -302,7 +339,7 @@ pub async fn run(config: Config, opts: Options) -> Result<Summary, ImportError> 
     Ok(summary)
 }
 
-async fn connect(config: &Config) -> Result<(Backend, Vec<u8>), ImportError> {
+async fn connect(config: &Config, decide: Decide) -> Result<(Backend, Vec<u8>), ImportError> {
     let setup = |e: String| ImportError::Setup(e);
     match &config.mode {
         Mode::Distributed {
@@ -336,11 +373,31 @@ async fn connect(config: &Config) -> Result<(Backend, Vec<u8>), ImportError> {
                 &config.settings.redis_prefix,
                 config.threshold,
             );
-            let session = store.import_session().await?;
+            let mut session = store.import_session().await?;
+            let groups = match decide {
+                Decide::Database => 0,
+                _ => crate::store::Store::counts(&store).await?.0,
+            };
+            let known = match decide {
+                Decide::Database => None,
+                Decide::Memory => Some(load_groups(&mut session, config.threshold, groups).await?),
+                Decide::Auto => {
+                    if groups <= MEMORY_MAX_GROUPS {
+                        Some(load_groups(&mut session, config.threshold, groups).await?)
+                    } else {
+                        tracing::info!(
+                            groups,
+                            "deciding against the database: more groups than {MEMORY_MAX_GROUPS} to hold in memory (--decide memory to hold them anyway)"
+                        );
+                        None
+                    }
+                }
+            };
             Ok((
                 Backend::Distributed {
                     session: Box::new(session),
                     redis: Box::new(redis),
+                    known,
                 },
                 jwt_secret.clone(),
             ))
@@ -374,15 +431,55 @@ async fn connect(config: &Config) -> Result<(Backend, Vec<u8>), ImportError> {
     }
 }
 
+/// Every committed group, into a new in-process index. The session holds
+/// the sync lock already: a group committed after the page that would have
+/// held it was read is unindexed until this session marks it, so the first
+/// batch's `unindexed` read finds it (see `place_and_commit`).
+async fn load_groups(
+    session: &mut crate::store::postgres::import::PgImportSession,
+    t: Threshold,
+    expected: u64,
+) -> Result<Arc<MemoryIndex>, ImportError> {
+    let started = Instant::now();
+    let index = MemoryIndex::with_capacity(t, expected as usize);
+    let mut after = None;
+    loop {
+        let page = session.groups_after(after, LOAD_PAGE).await?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(*last);
+        let n = page.len();
+        for (id, attrs) in page {
+            index.insert(id, attrs);
+        }
+        if n < LOAD_PAGE {
+            break;
+        }
+    }
+    tracing::info!(
+        groups = index.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "deciding in memory: the committed groups are loaded"
+    );
+    Ok(Arc::new(index))
+}
+
 /// Groups the index makes room for ahead at most: past this it grows by
 /// doubling as usual (memory stays what the groups need).
 const RESERVE_MAX_GROUPS: usize = 1_000_000;
 
-/// Embedded mode: room in the in-process index for as many groups as the
-/// file seems to have lines (from the first chunk's bytes a line), so
-/// that it is not rebuilt at each doubling on the way.
+/// Room in the in-process index (embedded mode, or deciding in memory)
+/// for as many groups as the file seems to have lines (from the first
+/// chunk's bytes a line), so that it is not rebuilt at each doubling on
+/// the way.
 fn reserve_index(backend: &Backend, total: Option<u64>, first: &Validated) {
-    if let (Backend::Embedded { index, .. }, Some(total)) = (backend, total)
+    let index = match backend {
+        Backend::Embedded { index, .. } => index,
+        Backend::Distributed {
+            known: Some(index), ..
+        } => index,
+        Backend::Distributed { known: None, .. } => return,
+    };
+    if let Some(total) = total
         && first.bytes > 0
     {
         let lines = total as f64 * first.lines as f64 / first.bytes as f64;
@@ -742,67 +839,90 @@ async fn place_and_commit(
     t: Threshold,
     users: &mut [ImportUser],
 ) -> Result<(), ImportError> {
-    let Backend::Distributed { session, redis } = backend else {
+    let Backend::Distributed {
+        session,
+        redis,
+        known,
+    } = backend
+    else {
         unreachable!("embedded batches go through import_chunk_embedded")
     };
+    let clock = Instant::now();
     session.begin().await?;
     let outcome = async {
-        // Each key once (users alike share many), in index order.
-        let mut keys: Vec<&[u8]> = users
-            .iter()
-            .flat_map(|u| u.keys.iter().map(|k| &k[..]))
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let owners = place::OwnersOf::new(t, session.owners(&keys).await?);
-        let placed = place::decide(
-            t,
-            &owners,
-            users.iter().map(|u| (&u.attributes, &u.keys[..])),
-        );
-        for (u, p) in users.iter_mut().zip(placed) {
-            u.placement = p;
-        }
+        // The committed groups the batch joins, for step 5.
+        let joined = match known {
+            Some(index) => {
+                // The groups others committed since the last batch: only
+                // this session marks groups while it lives, so they are
+                // the unindexed ones it does not know yet.
+                let index_ref = index.as_ref();
+                for (id, attrs) in session.unindexed(&|g| index_ref.contains(g)).await? {
+                    index.add_now(id, attrs);
+                }
+                decide_into(t, index.as_ref(), users);
+                joined_ids(users)
+                    .into_iter()
+                    .filter_map(|g| index.attributes_of(g).map(|a| (g, a)))
+                    .collect::<Vec<_>>()
+            }
+            None => {
+                // Each key once (users alike share many), in index order.
+                let mut keys: Vec<&[u8]> = users
+                    .iter()
+                    .flat_map(|u| u.keys.iter().map(|k| &k[..]))
+                    .collect();
+                keys.sort_unstable();
+                keys.dedup();
+                let owners = place::OwnersOf::new(t, session.owners(&keys).await?);
+                decide_into(t, &owners, users);
+                joined_ids(users)
+                    .into_iter()
+                    .filter_map(|g| owners.group(g).map(|a| (g, a.clone())))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let decided = clock.elapsed();
         crate::failpoint::hit("import:decided");
         let written = session.write(users).await?;
         crate::failpoint::hit("import:written");
+        let wrote = clock.elapsed();
         session.commit().await?;
         crate::failpoint::hit("import:committed");
-        Ok::<_, ImportError>((written, owners))
+        Ok::<_, ImportError>((written, joined, decided, wrote))
     }
     .await;
-    let (written, owners) = match outcome {
+    let (written, joined, decided, wrote) = match outcome {
         Ok(v) => v,
         Err(e) => {
             let _ = session.rollback().await;
             return Err(e);
         }
     };
+    let committed = clock.elapsed();
     let founded: Vec<(GroupId, AttributeSet)> = users
         .iter()
         .filter(|u| u.placement == ImportPlacement::Found)
         .zip(&written.founded)
         .map(|(u, id)| (*id, u.attributes.clone()))
         .collect();
+    if let Some(index) = known {
+        for (id, attrs) in &founded {
+            index.add_now(*id, attrs.clone());
+        }
+    }
     // Step 5: the groups it joined first (a founder's own add may be late),
     // then its own in id order.
-    let mut joined: Vec<GroupId> = users
-        .iter()
-        .filter_map(|u| match u.placement {
-            ImportPlacement::Join(g) => Some(g),
-            _ => None,
-        })
-        .collect();
-    joined.sort_unstable();
-    joined.dedup();
-    let mut groups: Vec<(GroupId, AttributeSet)> = joined
-        .into_iter()
-        .filter_map(|g| owners.group(g).map(|a| (g, a.clone())))
-        .collect();
+    let mut groups = joined;
     groups.extend(founded.iter().cloned());
     let published = async {
         let (before, gen1) = redis.server_identity().await?;
-        redis.add_groups(&groups).await?;
+        // A pipeline of at most PUBLISH_CHUNK groups at a time, as the sync
+        // adds them: a batch's tens of thousands in one would outlast the
+        // connection's timeout (seen: 11 s at 10^6 groups).
+        for chunk in groups.chunks(PUBLISH_CHUNK) {
+            redis.add_groups(chunk).await?;
+        }
         let (after, gen2) = redis.server_identity().await?;
         Ok::<_, IndexError>((before == after && gen1 == gen2).then_some(before))
     }
@@ -825,5 +945,39 @@ async fn place_and_commit(
             tracing::warn!(error = %e, "could not add the batch's groups to the index: it stays marked dirty, and replicas decide from the database until it is synced");
         }
     }
+    tracing::debug!(
+        lines = users.len(),
+        decide_ms = decided.as_millis() as u64,
+        write_ms = (wrote - decided).as_millis() as u64,
+        commit_ms = (committed - wrote).as_millis() as u64,
+        publish_ms = (clock.elapsed() - committed).as_millis() as u64,
+        "batch committed"
+    );
     Ok(())
+}
+
+/// Places `users` in order against `committed` (`place::decide`).
+fn decide_into(t: Threshold, committed: &dyn place::Committed, users: &mut [ImportUser]) {
+    let placed = place::decide(
+        t,
+        committed,
+        users.iter().map(|u| (&u.attributes, &u.keys[..])),
+    );
+    for (u, p) in users.iter_mut().zip(placed) {
+        u.placement = p;
+    }
+}
+
+/// The committed groups `users` join, each once, in id order.
+fn joined_ids(users: &[ImportUser]) -> Vec<GroupId> {
+    let mut ids: Vec<GroupId> = users
+        .iter()
+        .filter_map(|u| match u.placement {
+            ImportPlacement::Join(g) => Some(g),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }

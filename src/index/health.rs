@@ -140,8 +140,11 @@ impl SharedIndex {
             && !marks.is_dirty()
             && meta.is_some_and(|m| m.ready);
         if current {
-            // Cheap upkeep: groups whose founder died before adding them.
-            self.redis.add_unindexed(self.source.as_ref()).await?;
+            // Cheap upkeep: groups whose founder died before adding them
+            // (confirmed only while no sync or import holds the lock).
+            self.redis
+                .add_unindexed(self.source.as_ref(), false)
+                .await?;
             self.trusted.store(generation, Ordering::Release);
             self.set_state(IndexState::Ready);
             return Ok(());

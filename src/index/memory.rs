@@ -251,6 +251,23 @@ impl MemoryIndex {
         }
     }
 
+    /// Whether the index holds group `id`.
+    pub fn contains(&self, id: GroupId) -> bool {
+        self.inner
+            .lock()
+            .expect("index mutex poisoned")
+            .offsets
+            .contains_key(&id)
+    }
+
+    /// The attributes of group `id`, if the index holds it.
+    pub fn attributes_of(&self, id: GroupId) -> Option<AttributeSet> {
+        let inner = self.inner.lock().expect("index mutex poisoned");
+        let offset = *inner.offsets.get(&id)? as usize;
+        let ordinal = inner.arena[offset + 1] as usize;
+        Some(inner.groups[ordinal].1.clone())
+    }
+
     /// Adds a committed group unless it is already there.
     pub fn add_now(&self, id: GroupId, attrs: AttributeSet) {
         let mut inner = self.inner.lock().expect("index mutex poisoned");
@@ -556,8 +573,14 @@ mod tests {
         }
         assert_eq!(ix.len(), groups.len());
         for (i, g) in groups.iter().enumerate() {
-            assert_eq!(ix.best_now(g).map(|c| c.id), Some(GroupId(i as i64 + 1)));
+            let id = GroupId(i as i64 + 1);
+            assert_eq!(ix.best_now(g).map(|c| c.id), Some(id));
+            assert_eq!(ix.attributes_of(id).as_ref(), Some(g));
+            assert!(ix.contains(id));
         }
+        assert_eq!(ix.attributes_of(GroupId(0)), None);
+        assert!(!ix.contains(GroupId(0)));
+        assert_eq!(ix.attributes_of(GroupId(groups.len() as i64 + 1)), None);
     }
 
     /// The embedded import's decision: the best group, or a founding under

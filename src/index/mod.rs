@@ -91,7 +91,13 @@ pub trait IndexSource: Send + Sync {
         &self,
         limit: usize,
     ) -> Result<Vec<(GroupId, AttributeSet)>, IndexError>;
+    /// The sync lock's holder confirms groups in the index.
     async fn mark_indexed(&self, ids: &[GroupId]) -> Result<(), IndexError>;
+    /// Confirms them only if no one holds the sync lock, atomically with
+    /// that check; false (nothing marked) if someone does. While an import
+    /// holds the lock, every group committed since is unconfirmed until it
+    /// confirms it: that is how it learns what live signups founded.
+    async fn mark_indexed_unless_locked(&self, ids: &[GroupId]) -> Result<bool, IndexError>;
     async fn marks(&self) -> Result<IndexMarks, IndexError>;
     /// Records that a committed group may be missing from the index.
     async fn mark_dirty(&self) -> Result<(), IndexError>;

@@ -70,6 +70,21 @@ pub trait ImportSession: Send {
     async fn begin(&mut self) -> Result<(), StoreError>;
     /// Committed groups owning any of `keys`, read in the transaction.
     async fn owners(&mut self, keys: &[&[u8]]) -> Result<Vec<Owner>, StoreError>;
+    /// Every group, in id order, after `after`, at most `limit`.
+    async fn groups_after(
+        &mut self,
+        after: Option<GroupId>,
+        limit: usize,
+    ) -> Result<Vec<(GroupId, AttributeSet)>, StoreError>;
+    /// The committed groups not yet marked as in the index, except those
+    /// `known` says the caller has, read in the transaction. While this
+    /// session holds the sync lock only it marks groups, so every group
+    /// committed since it took the lock is here until it marks it (see
+    /// `crate::import`, deciding in memory).
+    async fn unindexed(
+        &mut self,
+        known: &(dyn Fn(GroupId) -> bool + Sync),
+    ) -> Result<Vec<(GroupId, AttributeSet)>, StoreError>;
     /// Writes the batch (groups and their subsets, users in order, import
     /// records). [`StoreError::Overlap`] if a subset is taken,
     /// [`StoreError::UsernameTaken`] if a username is: the transaction is

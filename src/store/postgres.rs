@@ -871,6 +871,32 @@ impl IndexSource for PgStore {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "pg.mark_indexed_unless_locked", skip_all, fields(operation = "mark_indexed_unless_locked", otel.kind = "client", db.system.name = "postgresql"))]
+    async fn mark_indexed_unless_locked(&self, ids: &[GroupId]) -> Result<bool, IndexError> {
+        let _timing = self.timer.start("mark_indexed_unless_locked");
+        let client = self.client().await?;
+        let ids: Vec<i64> = ids.iter().map(|g| g.0).collect();
+        // The transaction-level try-lock conflicts with a session holding
+        // the sync lock, and is released when this statement's transaction
+        // ends. The lock is taken before the update's rows are read, so a
+        // holder's later snapshot never misses a group marked here.
+        let row = client
+            .query_one(
+                &client
+                    .prepare_cached(
+                        "WITH l AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2, $3) AS got), \
+                         u AS (UPDATE groups SET indexed = true FROM l WHERE l.got AND groups.id = ANY($1) RETURNING 1) \
+                         SELECT got FROM l",
+                    )
+                    .await
+                    .map_err(unavailable)?,
+                &[&ids, &LOCK_CLASS, &SYNC_LOCK],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.get(0))
+    }
+
     #[tracing::instrument(level = "debug", name = "pg.marks", skip_all, fields(operation = "marks", otel.kind = "client", db.system.name = "postgresql"))]
     async fn marks(&self) -> Result<IndexMarks, IndexError> {
         let _timing = self.timer.start("marks");

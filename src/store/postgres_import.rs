@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use super::{LOCK_CLASS, PgStore, SYNC_LOCK, attrs_from_row, is_unique_violation, unavailable};
-use crate::domain::GroupId;
+use crate::domain::{AttributeSet, GroupId};
 use crate::store::StoreError;
 use crate::store::import::{
     Existing, ImportPlacement, ImportSession, ImportUser, Owner, Written, sorted_subsets,
@@ -153,8 +153,62 @@ impl ImportSession for PgImportSession {
             .collect()
     }
 
+    async fn groups_after(
+        &mut self,
+        after: Option<GroupId>,
+        limit: usize,
+    ) -> Result<Vec<(GroupId, AttributeSet)>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT id, attributes FROM groups WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after.map_or(i64::MIN, |g| g.0), &(limit as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|r| Ok((GroupId(r.get(0)), attrs_from_row(r.get(1))?)))
+            .collect()
+    }
+
+    async fn unindexed(
+        &mut self,
+        known: &(dyn Fn(GroupId) -> bool + Sync),
+    ) -> Result<Vec<(GroupId, AttributeSet)>, StoreError> {
+        // The ids first (the partial index `groups_unindexed` holds exactly
+        // these rows), then the attributes of the unknown ones only: while
+        // Redis refuses adds (no index built yet), every group this session
+        // founded stays unindexed, and reading all their attributes at each
+        // batch would grow with the import.
+        let ids: Vec<i64> = self
+            .client
+            .query("SELECT id FROM groups WHERE NOT indexed", &[])
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .map(|r| r.get(0))
+            .filter(|&id| !known(GroupId(id)))
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT id, attributes FROM groups WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.into_iter()
+            .map(|r| Ok((GroupId(r.get(0)), attrs_from_row(r.get(1))?)))
+            .collect()
+    }
+
     async fn write(&mut self, users: &[ImportUser]) -> Result<Written, StoreError> {
         let c = &self.client;
+        let clock = std::time::Instant::now();
+        let mut groups_done = std::time::Duration::ZERO;
         let founders: Vec<&ImportUser> = users
             .iter()
             .filter(|u| u.placement == ImportPlacement::Found)
@@ -180,6 +234,7 @@ impl ImportSession for PgImportSession {
             )
             .await
             .map_err(unavailable)?;
+            groups_done = clock.elapsed();
             // In key order: each primary-key leaf page is dirtied (and
             // WAL-logged) once for its rows of the batch, not once a row.
             let (subsets, owners): (Vec<&[u8]>, Vec<i64>) =
@@ -201,6 +256,7 @@ impl ImportSession for PgImportSession {
             })?;
             founded = ids.into_iter().map(GroupId).collect();
         }
+        let subsets_done = clock.elapsed();
         let mut names = Vec::with_capacity(users.len());
         let mut hashes = Vec::with_capacity(users.len());
         let mut attrs = Vec::with_capacity(users.len());
@@ -238,6 +294,7 @@ impl ImportSession for PgImportSession {
                 unavailable(e)
             }
         })?;
+        let users_done = clock.elapsed();
         c.execute(
             "INSERT INTO import_records (username, fingerprint) \
              SELECT * FROM unnest($1::text[], $2::bytea[]) \
@@ -256,6 +313,13 @@ impl ImportSession for PgImportSession {
             .await
             .map_err(unavailable)?
             .get(0);
+        tracing::debug!(
+            groups_ms = groups_done.as_millis() as u64,
+            subsets_ms = (subsets_done - groups_done).as_millis() as u64,
+            users_ms = (users_done - subsets_done).as_millis() as u64,
+            records_ms = (clock.elapsed() - users_done).as_millis() as u64,
+            "batch written"
+        );
         Ok(Written {
             founded,
             dirty_mark: Some(mark),

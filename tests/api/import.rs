@@ -190,7 +190,8 @@ async fn assert_member_counts(backing: &Backing) {
     assert!(wrong.is_empty(), "(group, kept count, members): {wrong:?}");
 }
 
-async fn differential(mode: Mode) {
+/// `decide`: what a distributed import decides against (`--decide`).
+async fn differential(mode: Mode, decide: &str) {
     const N: usize = 1_500;
     let users: Vec<(String, Vec<String>)> = (0..N).map(|n| user(n, 14)).collect();
     // One at a time over HTTP.
@@ -204,7 +205,7 @@ async fn differential(mode: Mode) {
     let backing = Backing::new(mode).await;
     let dir = tempfile::tempdir().unwrap();
     let file = write_file(dir.path(), "users.jsonl", &hash_lines(&users, &phc().await));
-    let (code, summary) = import(&backing, &file, &["--batch", "317"]);
+    let (code, summary) = import(&backing, &file, &["--batch", "317", "--decide", decide]);
     assert_eq!(code, 0, "{summary}");
     assert_eq!(summary["imported"], N);
     let imported = placements(&backing).await;
@@ -227,19 +228,34 @@ async fn differential(mode: Mode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_places_users_as_http_signups_do_distributed() {
-    differential(Mode::Distributed).await;
+    differential(Mode::Distributed, "memory").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_deciding_against_the_database_places_users_as_http_signups_do() {
+    differential(Mode::Distributed, "database").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_places_users_as_http_signups_do_embedded() {
-    differential(Mode::Embedded).await;
+    differential(Mode::Embedded, "auto").await;
 }
 
 /// An import on the same deployment as three replicas under live signups:
 /// the checker's invariants hold for every user, imported or not, and the
-/// index ends level with Postgres.
+/// index ends level with Postgres. Deciding in memory, the groups the live
+/// signups found between batches must reach the import's own index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_beside_live_signups_on_three_replicas() {
+    beside_live_signups("memory").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_deciding_against_the_database_beside_live_signups_on_three_replicas() {
+    beside_live_signups("database").await;
+}
+
+async fn beside_live_signups(decide: &'static str) {
     let db = TestDb::create().await;
     let prefix = TestPrefix::new(&redis_url());
     let replicas: Vec<Replica> = (0..3)
@@ -261,7 +277,7 @@ async fn import_beside_live_signups_on_three_replicas() {
     until_created(&history, 20).await;
     let (code, summary) = tokio::task::spawn_blocking({
         let backing = backing.clone();
-        move || import(&backing, &file, &["--batch", "200"])
+        move || import(&backing, &file, &["--batch", "200", "--decide", decide])
     })
     .await
     .unwrap();
@@ -280,6 +296,71 @@ async fn import_beside_live_signups_on_three_replicas() {
         .await,
         "the index did not end level with Postgres"
     );
+}
+
+/// Deciding in memory, a group a live signup founds while the import is
+/// between two batches is one the next batch's lines join: the import
+/// reads the groups committed since its last batch at the batch's start.
+/// (Had it missed the group, the line would found an overlapping one,
+/// which the subset key refuses at every round: the import would fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_founded_between_batches_is_joined_by_the_next_one() {
+    let app = spawn_app(Mode::Distributed).await;
+    let phc = phc().await;
+    let line = |u: &str, a: &[&str]| {
+        let users = [(u.to_owned(), a.iter().map(|s| s.to_string()).collect())];
+        hash_lines(&users, &phc).remove(0) + "\n"
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rejects = dir.path().join("rejects.jsonl");
+    let mut cmd = import_cmd(
+        &app.backing,
+        Path::new("-"),
+        &[
+            "--batch",
+            "1",
+            "--decide",
+            "memory",
+            "--rejects",
+            rejects.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let mut child = cmd.stdin(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    use std::io::Write;
+    // The first batch: a group of its own.
+    stdin
+        .write_all(line("first", &["oak", "elm", "ash"]).as_bytes())
+        .unwrap();
+    stdin.flush().unwrap();
+    let backing = app.backing.clone();
+    assert!(
+        eventually(60, move || {
+            let b = backing.clone();
+            async move { placements(&b).await.contains_key("first") }
+        })
+        .await,
+        "the first batch was not committed"
+    );
+    // Between batches, a live signup founds a group...
+    app.signup_ok("live", &["rust", "go", "zig", "nim"]).await;
+    // ...which the next batch's line shares three attributes with.
+    stdin
+        .write_all(line("second", &["rust", "go", "zig", "ada"]).as_bytes())
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let placed = placements(&app.backing).await;
+    assert_eq!(placed["second"].0, placed["live"].0, "{placed:?}");
+    assert_ne!(placed["first"].0, placed["live"].0);
+    assert_db_invariants(&app.backing).await;
 }
 
 async fn kill_and_resume(mode: Mode) {

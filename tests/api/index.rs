@@ -157,7 +157,35 @@ async fn a_group_committed_but_never_added_is_added_by_the_unindexed_pass() {
         .await
         .unwrap();
     assert!(p.index.decide(&a).await.unwrap().best.is_none());
-    assert_eq!(p.index.add_unindexed(p.store.as_ref()).await.unwrap(), 1);
+    // While another process holds the sync lock (an import, a sync), the
+    // upkeep may add the group but must leave it unconfirmed: the holder
+    // learns what others committed from the unconfirmed groups.
+    let lock = p
+        .store
+        .lock_sync()
+        .await
+        .unwrap()
+        .expect("the lock is free");
+    assert_eq!(
+        p.index
+            .add_unindexed(p.store.as_ref(), false)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(p.store.unindexed_groups(10).await.unwrap().len(), 1);
+    drop(lock);
+    assert!(
+        eventually(30, || async {
+            p.index
+                .add_unindexed(p.store.as_ref(), false)
+                .await
+                .unwrap()
+                == 1
+        })
+        .await,
+        "the upkeep did not confirm the group once the lock was released"
+    );
     assert_eq!(
         p.index.decide(&a).await.unwrap().best.map(|b| b.id),
         Some(c.user.group_id)

@@ -107,7 +107,7 @@ impl RedisIndex {
                 progress(full_pass, in_db.max(full_pass));
             }
         }
-        let unindexed = self.add_unindexed(source).await?;
+        let unindexed = self.add_unindexed(source, true).await?;
         if !meta.ready {
             self.set_state(true).await?;
         }
@@ -121,8 +121,16 @@ impl RedisIndex {
 
     /// Adds the groups no sync has confirmed yet (a founder that died
     /// between its commit and its add leaves one) and confirms them.
-    /// Bounded: each round confirms what it added.
-    pub async fn add_unindexed(&self, source: &dyn IndexSource) -> Result<u64, IndexError> {
+    /// `locked`: the caller holds the sync lock. Without it, the groups are
+    /// confirmed only while no one else holds it (an import deciding in
+    /// memory learns what others committed from the unconfirmed groups),
+    /// and the upkeep stops at the first refusal. Bounded: each round
+    /// confirms what it added.
+    pub async fn add_unindexed(
+        &self,
+        source: &dyn IndexSource,
+        locked: bool,
+    ) -> Result<u64, IndexError> {
         let mut n = 0;
         for _ in 0..1_000 {
             let batch = source.unindexed_groups(BATCH).await?;
@@ -131,7 +139,11 @@ impl RedisIndex {
             }
             self.add_groups(&batch).await?;
             let ids: Vec<GroupId> = batch.iter().map(|(id, _)| *id).collect();
-            source.mark_indexed(&ids).await?;
+            if locked {
+                source.mark_indexed(&ids).await?;
+            } else if !source.mark_indexed_unless_locked(&ids).await? {
+                break;
+            }
             n += ids.len() as u64;
         }
         Ok(n)
