@@ -48,8 +48,6 @@ pub struct Existing {
 pub struct Written {
     /// The ids of the groups the batch founded, in its order (ascending).
     pub founded: Vec<GroupId>,
-    /// Distributed mode: the dirty mark the batch set (see `crate::import`).
-    pub dirty_mark: Option<i64>,
 }
 
 /// A committed group owning one t-subset key.
@@ -90,14 +88,12 @@ pub trait ImportSession: Send {
     /// [`StoreError::UsernameTaken`] if a username is: the transaction is
     /// then to be rolled back.
     async fn write(&mut self, users: &[ImportUser]) -> Result<Written, StoreError>;
+    /// Marks the index dirty, last before the commit: from the commit on,
+    /// no replica commits a join decided in Redis until the batch's groups
+    /// are there and the mark lifted (`PgStore::lift_dirty_mark`). The mark.
+    async fn mark_dirty(&mut self) -> Result<i64, StoreError>;
     async fn commit(&mut self) -> Result<(), StoreError>;
     async fn rollback(&mut self) -> Result<(), StoreError>;
-    /// Distributed mode: after every group of the batch with mark `mark` is
-    /// in the index on the server `server`, lifts the mark if nothing else
-    /// marked the index dirty since and it was clean before. True if lifted.
-    async fn lift_dirty_mark(&mut self, mark: i64, server: &str) -> Result<bool, StoreError>;
-    /// Distributed mode: records that these groups are in the index.
-    async fn mark_indexed(&mut self, ids: &[GroupId]) -> Result<(), StoreError>;
     /// After the last batch: anything left to make every committed batch
     /// durable.
     async fn finish(&mut self) -> Result<(), StoreError> {

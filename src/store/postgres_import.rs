@@ -303,16 +303,6 @@ impl ImportSession for PgImportSession {
         )
         .await
         .map_err(unavailable)?;
-        // Until this batch's groups are in Redis, no replica may commit a
-        // join decided there (see `crate::import`).
-        let mark: i64 = c
-            .query_one(
-                "UPDATE deployment SET index_dirty = index_dirty + 1 RETURNING index_dirty",
-                &[],
-            )
-            .await
-            .map_err(unavailable)?
-            .get(0);
         tracing::debug!(
             groups_ms = groups_done.as_millis() as u64,
             subsets_ms = (subsets_done - groups_done).as_millis() as u64,
@@ -320,10 +310,19 @@ impl ImportSession for PgImportSession {
             records_ms = (clock.elapsed() - users_done).as_millis() as u64,
             "batch written"
         );
-        Ok(Written {
-            founded,
-            dirty_mark: Some(mark),
-        })
+        Ok(Written { founded })
+    }
+
+    async fn mark_dirty(&mut self) -> Result<i64, StoreError> {
+        Ok(self
+            .client
+            .query_one(
+                "UPDATE deployment SET index_dirty = index_dirty + 1 RETURNING index_dirty",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?
+            .get(0))
     }
 
     async fn commit(&mut self) -> Result<(), StoreError> {
@@ -339,10 +338,18 @@ impl ImportSession for PgImportSession {
             .await
             .map_err(unavailable)
     }
+}
 
-    async fn lift_dirty_mark(&mut self, mark: i64, server: &str) -> Result<bool, StoreError> {
-        let n = self
-            .client
+impl PgStore {
+    /// After every group of the import batch with mark `mark` is in the
+    /// index on the server `server`: lifts the mark if the one before it
+    /// was lifted and nothing else marked the index dirty since. True if
+    /// lifted. On a pool connection: the import's publishing of one batch
+    /// runs beside the writing of the next, whose transaction holds the
+    /// deployment row `FOR KEY SHARE` only (no conflict with this update).
+    pub async fn lift_dirty_mark(&self, mark: i64, server: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
             .execute(
                 "UPDATE deployment SET index_clean = $1 \
                  WHERE index_dirty = $1 AND index_clean = $1 - 1 AND index_server = $2",
@@ -351,17 +358,5 @@ impl ImportSession for PgImportSession {
             .await
             .map_err(unavailable)?;
         Ok(n == 1)
-    }
-
-    async fn mark_indexed(&mut self, ids: &[GroupId]) -> Result<(), StoreError> {
-        let ids: Vec<i64> = ids.iter().map(|g| g.0).collect();
-        self.client
-            .execute(
-                "UPDATE groups SET indexed = true WHERE id = ANY($1)",
-                &[&ids],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(())
     }
 }
