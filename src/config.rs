@@ -92,7 +92,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Distributed mode: decide each line against every group held in
-        /// memory (fast; ~0.5 KB a group), or against the database (a
+        /// memory (fast; ~1 KB a group), or against the database (a
         /// million index probes a batch of 50,000; little memory). `auto`:
         /// memory up to 4 million groups.
         #[arg(long, value_enum, default_value_t = crate::import::Decide::Auto)]

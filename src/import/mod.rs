@@ -140,7 +140,7 @@ pub enum Decide {
     /// `memory` up to 4 million groups at the start, `database` above.
     #[default]
     Auto,
-    /// Every group held in this process (loaded at the start, ~0.5 KB a
+    /// Every group held in this process (loaded at the start, ~1 KB a
     /// group), and the groups others commit read at each batch.
     Memory,
     /// The committed owners of each batch's t-subsets, probed in Postgres
