@@ -363,6 +363,74 @@ async fn a_group_founded_between_batches_is_joined_by_the_next_one() {
     assert_db_invariants(&app.backing).await;
 }
 
+/// Redis unreachable for a whole import: every line is imported all the
+/// same (Postgres decides and arbitrates), the index, clean before, is left
+/// marked dirty, and once a replica reaches Redis again it syncs the index
+/// level with Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_without_redis_leaves_the_index_to_a_sync() {
+    const N: usize = 600;
+    let users: Vec<(String, Vec<String>)> = (0..N).map(|n| user(n, 12)).collect();
+    let backing = Backing::new(Mode::Distributed).await;
+    let Backing::Distributed { db, prefix } = &backing else {
+        unreachable!("distributed")
+    };
+    let marked_dirty = || async {
+        db.client()
+            .await
+            .query_one("SELECT index_dirty > index_clean FROM deployment", &[])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(true)
+    };
+    // A replica builds the index and marks it clean, and stops.
+    let first = Replica::start(&db.url, &redis_url(), &prefix.prefix, &[]);
+    assert!(
+        eventually(60, || async { !marked_dirty().await }).await,
+        "the first replica did not sync the index"
+    );
+    drop(first);
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "users.jsonl", &hash_lines(&users, &phc().await));
+    let out = import_cmd(
+        &backing,
+        &file,
+        &["--batch", "100"],
+        &[("REDIS_URL", "redis://127.0.0.1:1")],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["imported"], N);
+    assert_eq!(placements(&backing).await, reference(&users));
+    assert_db_invariants(&backing).await;
+    assert!(
+        marked_dirty().await,
+        "the import left the index marked clean without adding to Redis"
+    );
+    let (d, r, p) = (db.url.clone(), redis_url(), prefix.prefix.clone());
+    assert!(
+        !verify_ok(&d, &r, &p),
+        "Redis already has the imported groups"
+    );
+    let _replica = Replica::start(&db.url, &redis_url(), &prefix.prefix, &[]);
+    assert!(
+        eventually(60, move || {
+            let (d, r, p) = (d.clone(), r.clone(), p.clone());
+            async move { verify_ok(&d, &r, &p) }
+        })
+        .await,
+        "no replica brought the index level with Postgres"
+    );
+    assert!(eventually(60, || async { !marked_dirty().await }).await);
+}
+
 async fn kill_and_resume(mode: Mode) {
     const N: usize = 1_000;
     let users: Vec<(String, Vec<String>)> = (0..N).map(|n| user(n, 12)).collect();
