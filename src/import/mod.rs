@@ -394,7 +394,7 @@ async fn connect(config: &Config, decide: Decide) -> Result<(Backend, Vec<u8>), 
                 &config.settings.redis_prefix,
                 config.threshold,
             );
-            let mut session = store.import_session().await?;
+            let session = store.import_session().await?;
             let redis = Arc::new(redis);
             let groups = match decide {
                 Decide::Database => 0,
@@ -402,10 +402,10 @@ async fn connect(config: &Config, decide: Decide) -> Result<(Backend, Vec<u8>), 
             };
             let known = match decide {
                 Decide::Database => None,
-                Decide::Memory => Some(load_groups(&mut session, config.threshold, groups).await?),
+                Decide::Memory => Some(load_groups(&store, config.threshold, groups).await?),
                 Decide::Auto => {
                     if groups <= MEMORY_MAX_GROUPS {
-                        Some(load_groups(&mut session, config.threshold, groups).await?)
+                        Some(load_groups(&store, config.threshold, groups).await?)
                     } else {
                         tracing::info!(
                             groups,
@@ -455,12 +455,12 @@ async fn connect(config: &Config, decide: Decide) -> Result<(Backend, Vec<u8>), 
     }
 }
 
-/// Every committed group, into a new in-process index. The session holds
-/// the sync lock already: a group committed after the page that would have
-/// held it was read is unindexed until this session marks it, so the first
-/// batch's `unindexed` read finds it (see `place_and_commit`).
+/// Every committed group, into a new in-process index. The import session
+/// holds the sync lock already: a group committed after the page that
+/// would have held it was read is unindexed until the session marks it, so
+/// the first batch's `unindexed` read finds it (see `place_and_commit`).
 async fn load_groups(
-    session: &mut crate::store::postgres::import::PgImportSession,
+    store: &crate::store::postgres::PgStore,
     t: Threshold,
     expected: u64,
 ) -> Result<Arc<MemoryIndex>, ImportError> {
@@ -468,7 +468,7 @@ async fn load_groups(
     let index = MemoryIndex::with_capacity(t, expected as usize);
     let mut after = None;
     loop {
-        let page = session.groups_after(after, LOAD_PAGE).await?;
+        let page = crate::store::Store::groups_after(store, after, LOAD_PAGE).await?;
         let Some((last, _)) = page.last() else { break };
         after = Some(*last);
         let n = page.len();

@@ -68,12 +68,6 @@ pub trait ImportSession: Send {
     async fn begin(&mut self) -> Result<(), StoreError>;
     /// Committed groups owning any of `keys`, read in the transaction.
     async fn owners(&mut self, keys: &[&[u8]]) -> Result<Vec<Owner>, StoreError>;
-    /// Every group, in id order, after `after`, at most `limit`.
-    async fn groups_after(
-        &mut self,
-        after: Option<GroupId>,
-        limit: usize,
-    ) -> Result<Vec<(GroupId, AttributeSet)>, StoreError>;
     /// The committed groups not yet marked as in the index, except those
     /// `known` says the caller has, read in the transaction. While this
     /// session holds the sync lock only it marks groups, so every group

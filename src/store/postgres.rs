@@ -878,8 +878,9 @@ impl IndexSource for PgStore {
         let ids: Vec<i64> = ids.iter().map(|g| g.0).collect();
         // The transaction-level try-lock conflicts with a session holding
         // the sync lock, and is released when this statement's transaction
-        // ends. The lock is taken before the update's rows are read, so a
-        // holder's later snapshot never misses a group marked here.
+        // ends. If it is got, a holder-to-be waits for that end, and every
+        // group marked here was committed before this statement's snapshot:
+        // the holder's later reads see it. If not, nothing is marked.
         let row = client
             .query_one(
                 &client

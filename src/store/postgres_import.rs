@@ -153,24 +153,6 @@ impl ImportSession for PgImportSession {
             .collect()
     }
 
-    async fn groups_after(
-        &mut self,
-        after: Option<GroupId>,
-        limit: usize,
-    ) -> Result<Vec<(GroupId, AttributeSet)>, StoreError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT id, attributes FROM groups WHERE id > $1 ORDER BY id LIMIT $2",
-                &[&after.map_or(i64::MIN, |g| g.0), &(limit as i64)],
-            )
-            .await
-            .map_err(unavailable)?;
-        rows.into_iter()
-            .map(|r| Ok((GroupId(r.get(0)), attrs_from_row(r.get(1))?)))
-            .collect()
-    }
-
     async fn unindexed(
         &mut self,
         known: &(dyn Fn(GroupId) -> bool + Sync),

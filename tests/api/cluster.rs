@@ -576,6 +576,19 @@ pub async fn check(db_url: &str, history: &History, t: usize) {
 }
 
 /// `cohort verify` against a deployment; true when it exits 0.
+/// Asserts that `cohort verify` agrees within `secs` seconds.
+pub async fn verified_within(secs: u64, db: &str, redis: &str, prefix: &str) {
+    let (d, r, p) = (db.to_owned(), redis.to_owned(), prefix.to_owned());
+    assert!(
+        eventually(secs, move || {
+            let (d, r, p) = (d.clone(), r.clone(), p.clone());
+            async move { verify_ok(&d, &r, &p) }
+        })
+        .await,
+        "cohort verify did not agree within {secs} s"
+    );
+}
+
 pub fn verify_ok(database_url: &str, redis_url: &str, prefix: &str) -> bool {
     let out = Command::new(env!("CARGO_BIN_EXE_cohort"))
         .arg("verify")

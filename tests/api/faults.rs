@@ -17,15 +17,7 @@ fn bases(rs: &[&Replica]) -> Arc<Mutex<Vec<String>>> {
 }
 
 async fn verified_soon(db: &str, redis: &str, prefix: &str) {
-    let (d, r, p) = (db.to_owned(), redis.to_owned(), prefix.to_owned());
-    assert!(
-        eventually(20, move || {
-            let (d, r, p) = (d.clone(), r.clone(), p.clone());
-            async move { verify_ok(&d, &r, &p) }
-        })
-        .await,
-        "cohort verify did not agree within 20 s"
-    );
+    verified_within(20, db, redis, prefix).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

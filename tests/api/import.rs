@@ -93,7 +93,17 @@ fn import_cmd(backing: &Backing, file: &Path, extra: &[&str], env: &[(&str, &str
 
 /// Runs an import to its end: (exit code, summary).
 fn import(backing: &Backing, file: &Path, extra: &[&str]) -> (i32, Value) {
-    let out: Output = import_cmd(backing, file, extra, &[]).output().unwrap();
+    import_with(backing, file, extra, &[])
+}
+
+/// The same, with more environment (`env` wins over the backing's).
+fn import_with(
+    backing: &Backing,
+    file: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, Value) {
+    let out: Output = import_cmd(backing, file, extra, env).output().unwrap();
     let code = out.status.code().unwrap_or(-1);
     let summary = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|_| json!({"stderr": String::from_utf8_lossy(&out.stderr).to_string()}));
@@ -287,15 +297,8 @@ async fn beside_live_signups(decide: &'static str) {
     check(&db.url, &history, 3).await;
     let all = placements(&backing).await;
     assert_eq!(all.len(), 4_000 + 240);
-    let (d, r, p) = (db.url.clone(), redis_url(), prefix.prefix.clone());
-    assert!(
-        eventually(60, move || {
-            let (d, r, p) = (d.clone(), r.clone(), p.clone());
-            async move { verify_ok(&d, &r, &p) }
-        })
-        .await,
-        "the index did not end level with Postgres"
-    );
+    // The index ends level with Postgres.
+    verified_within(60, &db.url, &redis_url(), &prefix.prefix).await;
 }
 
 /// Deciding in memory, a group a live signup founds while the import is
@@ -392,21 +395,13 @@ async fn an_import_without_redis_leaves_the_index_to_a_sync() {
     drop(first);
     let dir = tempfile::tempdir().unwrap();
     let file = write_file(dir.path(), "users.jsonl", &hash_lines(&users, &phc().await));
-    let out = import_cmd(
+    let (code, summary) = import_with(
         &backing,
         &file,
         &["--batch", "100"],
         &[("REDIS_URL", "redis://127.0.0.1:1")],
-    )
-    .output()
-    .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(code, 0, "{summary}");
     assert_eq!(summary["imported"], N);
     assert_eq!(placements(&backing).await, reference(&users));
     assert_db_invariants(&backing).await;
@@ -414,20 +409,13 @@ async fn an_import_without_redis_leaves_the_index_to_a_sync() {
         marked_dirty().await,
         "the import left the index marked clean without adding to Redis"
     );
-    let (d, r, p) = (db.url.clone(), redis_url(), prefix.prefix.clone());
     assert!(
-        !verify_ok(&d, &r, &p),
+        !verify_ok(&db.url, &redis_url(), &prefix.prefix),
         "Redis already has the imported groups"
     );
+    // A replica that reaches Redis brings the index level with Postgres.
     let _replica = Replica::start(&db.url, &redis_url(), &prefix.prefix, &[]);
-    assert!(
-        eventually(60, move || {
-            let (d, r, p) = (d.clone(), r.clone(), p.clone());
-            async move { verify_ok(&d, &r, &p) }
-        })
-        .await,
-        "no replica brought the index level with Postgres"
-    );
+    verified_within(60, &db.url, &redis_url(), &prefix.prefix).await;
     assert!(eventually(60, || async { !marked_dirty().await }).await);
 }
 
