@@ -9,6 +9,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=COHORT_GIT_COMMIT");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
+    // The migrations are embedded at compile time: a new file must rebuild.
+    println!("cargo:rerun-if-changed=migrations");
     let commit = std::env::var("COHORT_GIT_COMMIT").ok().or_else(|| {
         let out = Command::new("git")
             .args(["rev-parse", "--short=12", "HEAD"])

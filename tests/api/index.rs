@@ -468,3 +468,77 @@ async fn the_subset_tables_only_name_existing_groups() {
         .get(0);
     assert_eq!(count, 1);
 }
+
+/// Users and the member counters name existing groups only (checked once a
+/// statement, not once a row: migration V7), a user never moves to another
+/// group, and a group with members cannot be deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_only_name_existing_groups() {
+    let backing = Backing::new(Mode::Distributed).await;
+    let app = spawn_with(backing.clone(), |_| {}).await;
+    let ann = app.signup_ok("ann", &["a", "b", "c"]).await;
+    let group = ann["group"]["id"].as_i64().unwrap();
+    let c = backing.db().unwrap().client().await;
+    let fk = |e: tokio_postgres::Error| {
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+            "{e}"
+        );
+    };
+    let insert = "INSERT INTO users (username, password_hash, attributes, group_id) \
+                  SELECT n, 'x', '{a,b,c}', g FROM unnest($1::text[], $2::bigint[]) AS u(n, g)";
+    // One missing group among existing ones fails the whole statement.
+    fk(
+        c.execute(insert, &[&vec!["bob", "cat"], &vec![group, 424_242i64]])
+            .await
+            .unwrap_err(),
+    );
+    fk(c.execute("UPDATE users SET group_id = 424242", &[])
+        .await
+        .unwrap_err());
+    fk(
+        c.execute("UPDATE group_member_counts SET group_id = 424242", &[])
+            .await
+            .unwrap_err(),
+    );
+    // A group with members (and no subset rows) cannot go.
+    c.execute(
+        "INSERT INTO groups (id, attributes) VALUES (424242, '{x,y,z}')",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.execute(insert, &[&vec!["dan"], &vec![424_242i64]])
+        .await
+        .unwrap();
+    fk(c.execute("DELETE FROM groups WHERE id = 424242", &[])
+        .await
+        .unwrap_err());
+    // Nothing of the failed statements stayed: ann's group has ann only,
+    // and its counter says so.
+    let token = app.token("ann").await;
+    let body: serde_json::Value = app
+        .get_auth("/v1/me/group", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let members: Vec<&str> = body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["username"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["ann"]);
+    assert_eq!(body["group"]["member_count"], 1);
+    let count: i64 = c
+        .query_one(
+            "SELECT sum(n)::bigint FROM group_member_counts WHERE group_id = $1",
+            &[&group],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+}
