@@ -42,8 +42,11 @@
 //!    groups). A taken username (a live signup got it after step 1) or a
 //!    taken subset: roll back, back to 1.
 //! 5. Publish: add the batch's groups to Redis in id order, and the
-//!    committed groups it joined (a founder may not have added its own
-//!    yet); mark them indexed; if the Redis server is the one the last sync
+//!    committed groups it joined that are not marked indexed (a founder
+//!    may not have added its own yet; a group marked indexed is in Redis
+//!    unless Redis changed, and then no mark is lifted; the batch before's
+//!    own are added by its step 5, which ends before our mark); mark them
+//!    indexed; if the Redis server is the one the last sync
 //!    recorded and nothing else marked the index dirty since, lift our mark
 //!    (`index_clean = mark`, conditionally). This step runs on connections
 //!    of its own while the next batch goes through 1 to 4, and ends before
@@ -190,6 +193,9 @@ enum Backend {
         /// Step 5 of the last committed batch, running while the next one
         /// is sorted out, decided and written (`place_and_commit`).
         publishing: Option<tokio::task::JoinHandle<Result<(), ImportError>>>,
+        /// The groups that step 5 adds, ascending: in Redis before the next
+        /// batch sets its mark, though not yet marked indexed.
+        publishing_founded: Vec<GroupId>,
     },
     Embedded {
         session: crate::store::sqlite::import::SqliteImportSession,
@@ -422,6 +428,7 @@ async fn connect(config: &Config, decide: Decide) -> Result<(Backend, Vec<u8>), 
                     redis,
                     known,
                     publishing: None,
+                    publishing_founded: Vec::new(),
                 },
                 jwt_secret.clone(),
             ))
@@ -871,6 +878,7 @@ async fn place_and_commit(
         redis,
         known,
         publishing,
+        publishing_founded,
     } = backend
     else {
         unreachable!("embedded batches go through import_chunk_embedded")
@@ -878,7 +886,8 @@ async fn place_and_commit(
     let clock = Instant::now();
     session.begin().await?;
     let outcome = async {
-        // The committed groups the batch joins, for step 5.
+        // The committed groups the batch joins that may be missing from
+        // Redis, for step 5 (`unconfirmed`).
         let joined = match known {
             Some(index) => {
                 // The groups others committed since the last batch: only
@@ -889,8 +898,11 @@ async fn place_and_commit(
                     index.add_now(id, attrs);
                 }
                 decide_into(t, index.as_ref(), users);
-                joined_ids(users)
+                session
+                    .unconfirmed(&joined_ids(users))
+                    .await?
                     .into_iter()
+                    .filter(|g| publishing_founded.binary_search(g).is_err())
                     .filter_map(|g| index.attributes_of(g).map(|a| (g, a)))
                     .collect::<Vec<_>>()
             }
@@ -904,8 +916,11 @@ async fn place_and_commit(
                 keys.dedup();
                 let owners = place::OwnersOf::new(t, session.owners(&keys).await?);
                 decide_into(t, &owners, users);
-                joined_ids(users)
+                session
+                    .unconfirmed(&joined_ids(users))
+                    .await?
                     .into_iter()
+                    .filter(|g| publishing_founded.binary_search(g).is_err())
                     .filter_map(|g| owners.group(g).map(|a| (g, a.clone())))
                     .collect::<Vec<_>>()
             }
@@ -952,10 +967,11 @@ async fn place_and_commit(
         commit_ms = (clock.elapsed() - waited).as_millis() as u64,
         "batch committed"
     );
-    // Step 5: the groups it joined first (a founder's own add may be late),
-    // then its own in id order.
+    // Step 5: the unconfirmed groups it joined first (a founder's own add
+    // may be late), then its own in id order.
     let mut groups = joined;
     groups.extend(founded.iter().cloned());
+    publishing_founded.clone_from(&written.founded);
     *publishing = Some(tokio::spawn(publish(
         redis.clone(),
         store.clone(),

@@ -322,6 +322,32 @@ impl ImportSession for PgImportSession {
     }
 }
 
+impl PgImportSession {
+    /// Of the committed groups `ids` (a batch's joined groups), those not
+    /// marked indexed: the only ones step 5 must add to Redis. While the
+    /// session holds the sync lock no one else marks a group indexed, so
+    /// the answer holds until the batch's step 5. (A batch of 50,000 lines
+    /// joins ~17,000 groups at 10^6 users, nearly all indexed: re-adding
+    /// them was over a third of Redis's work.)
+    pub async fn unconfirmed(&mut self, ids: &[GroupId]) -> Result<Vec<GroupId>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = ids.iter().map(|g| g.0).collect();
+        Ok(self
+            .client
+            .query(
+                "SELECT id FROM groups WHERE id = ANY($1) AND NOT indexed ORDER BY id",
+                &[&ids],
+            )
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .map(|r| GroupId(r.get(0)))
+            .collect())
+    }
+}
+
 impl PgStore {
     /// After every group of the import batch with mark `mark` is in the
     /// index on the server `server`: lifts the mark if the one before it
