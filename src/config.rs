@@ -189,8 +189,11 @@ pub struct Settings {
     #[arg(long, env = "COHORT_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
     /// Minimum number of Redis index buckets (more are used when the
-    /// population at rebuild time needs them).
-    #[arg(long, env = "COHORT_INDEX_BUCKETS", default_value_t = 65_536)]
+    /// population at rebuild time needs them). A bucket key costs ~100
+    /// bytes and is made on first use; a bucket's entries are scanned on
+    /// every add, so a population imported into a new index (sized when
+    /// empty) stays fast up to ~10^6 groups (~80 entries a bucket).
+    #[arg(long, env = "COHORT_INDEX_BUCKETS", default_value_t = 262_144)]
     pub index_buckets: u32,
     /// Password hashes computed at once (default: the number of CPUs).
     #[arg(long, env = "COHORT_HASH_CONCURRENCY")]

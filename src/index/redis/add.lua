@@ -47,10 +47,10 @@ while a <= #ARGV do
   else
     for i = 0, n - 1 do
       local key, field = KEYS[k + i], ARGV[a + 3 + i]
-      local v = redis.call('HGET', key, field)
-      if not v then
-        redis.call('HSET', key, field, id)
-      else
+      -- Nearly every slot is new: one HSETNX (one pass over the bucket's
+      -- listpack) instead of HGET then HSET (two).
+      if redis.call('HSETNX', key, field, id) == 0 then
+        local v = redis.call('HGET', key, field)
         local found = false
         for x in string.gmatch(v, '[^,]+') do
           if x == id then found = true end
