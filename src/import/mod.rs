@@ -971,12 +971,11 @@ async fn place_and_commit(
     // may be late), then its own in id order.
     let mut groups = joined;
     groups.extend(founded.iter().cloned());
-    publishing_founded.clone_from(&written.founded);
+    *publishing_founded = written.founded;
     *publishing = Some(tokio::spawn(publish(
         redis.clone(),
         store.clone(),
         groups,
-        written.founded,
         mark,
     )));
     Ok(())
@@ -991,7 +990,6 @@ async fn publish(
     redis: Arc<RedisIndex>,
     store: crate::store::postgres::PgStore,
     groups: Vec<(GroupId, AttributeSet)>,
-    founded: Vec<GroupId>,
     mark: i64,
 ) -> Result<(), ImportError> {
     let clock = Instant::now();
@@ -1010,7 +1008,10 @@ async fn publish(
     crate::failpoint::hit("import:published");
     match added {
         Ok(server) => {
-            crate::index::IndexSource::mark_indexed(&store, &founded).await?;
+            // Every group added: the batch's own and the unconfirmed ones
+            // it joined.
+            let added: Vec<GroupId> = groups.iter().map(|(id, _)| *id).collect();
+            crate::index::IndexSource::mark_indexed(&store, &added).await?;
             if let Some(server) = server
                 && !store.lift_dirty_mark(mark, &server).await?
             {

@@ -419,6 +419,81 @@ async fn an_import_without_redis_leaves_the_index_to_a_sync() {
     assert!(eventually(60, || async { !marked_dirty().await }).await);
 }
 
+/// A founder that died after its commit, before adding its group to
+/// Redis, leaves the group unconfirmed; a batch that joins it adds it
+/// (step 5 re-adds the joined groups not marked indexed, and only those),
+/// so when the import lifts its mark Redis holds every group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_adds_the_late_founders_group_it_joins() {
+    let backing = Backing::new(Mode::Distributed).await;
+    let Backing::Distributed { db, prefix } = &backing else {
+        unreachable!("distributed")
+    };
+    let state = || async {
+        let r = db
+            .client()
+            .await
+            .query_one(
+                "SELECT index_dirty > index_clean, \
+                   (SELECT count(*) FROM groups WHERE NOT indexed) FROM deployment",
+                &[],
+            )
+            .await;
+        r.map(|r| (r.get::<_, bool>(0), r.get::<_, i64>(1)))
+            .unwrap_or((true, -1))
+    };
+    // The only replica builds the index, then dies founding a group,
+    // after its commit and before its Redis add.
+    let mut armed = Replica::start(
+        &db.url,
+        &redis_url(),
+        &prefix.prefix,
+        &[("COHORT_FAILPOINTS", "signup:committed")],
+    );
+    assert!(
+        eventually(60, || async { !state().await.0 }).await,
+        "the replica did not sync the index"
+    );
+    let http = reqwest::Client::new();
+    let v = |xs: &[&str]| xs.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let history = History::default();
+    signup_once(
+        &http,
+        &armed.base(),
+        "late",
+        &v(&["rust", "go", "zig"]),
+        None,
+        &history,
+    )
+    .await;
+    assert!(armed.exited_within(std::time::Duration::from_secs(5)));
+    assert_eq!(
+        state().await.1,
+        1,
+        "the late founder's group is unconfirmed"
+    );
+    assert!(!verify_ok(&db.url, &redis_url(), &prefix.prefix));
+    // The import: a line that founds, one that joins the late group.
+    let users = vec![
+        ("first".to_owned(), v(&["oak", "elm", "ash"])),
+        ("second".to_owned(), v(&["rust", "go", "zig", "ada"])),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "users.jsonl", &hash_lines(&users, &phc().await));
+    let (code, summary) = import(&backing, &file, &["--batch", "1", "--decide", "memory"]);
+    assert_eq!(code, 0, "{summary}");
+    let placed = placements(&backing).await;
+    assert_eq!(placed["second"].0, placed["late"].0, "{placed:?}");
+    // No replica runs: only the import could have added the late group.
+    assert_eq!(
+        state().await,
+        (false, 0),
+        "marks lifted, every group confirmed"
+    );
+    assert!(verify_ok(&db.url, &redis_url(), &prefix.prefix));
+    assert_db_invariants(&backing).await;
+}
+
 async fn kill_and_resume(mode: Mode) {
     const N: usize = 1_000;
     let users: Vec<(String, Vec<String>)> = (0..N).map(|n| user(n, 12)).collect();
