@@ -517,7 +517,7 @@ fn main() {
                         password_hash: "x".into(),
                         attributes: f.clone(),
                         plan: Plan::Found,
-                        decided_in_index: false,
+                        decided_in_index: None,
                         idempotency: None,
                     }))
                     .unwrap();
@@ -553,7 +553,7 @@ fn main() {
                                 password_hash: "x".into(),
                                 attributes: q.clone(),
                                 plan: best.map_or(Plan::Found, Plan::Join),
-                                decided_in_index: true,
+                                decided_in_index: Some(std::time::Instant::now()),
                                 idempotency: None,
                             })
                             .await

@@ -180,6 +180,9 @@ impl SignupProtocol {
                 source = tracing::field::Empty,
                 joins = tracing::field::Empty,
             );
+            // Before the index is read: a group confirmed after this may be
+            // one the decision did not see (the commit checks those).
+            let deciding = std::time::Instant::now();
             let (best, in_index) = async {
                 match from_index {
                     true => match self.index.best(attrs).await {
@@ -212,7 +215,7 @@ impl SignupProtocol {
                 username: signup.username.clone(),
                 password_hash: password_hash.clone(),
                 attributes: attrs.clone(),
-                decided_in_index: in_index && best.is_some(),
+                decided_in_index: (in_index && best.is_some()).then_some(deciding),
                 plan: best.map_or(Plan::Found, Plan::Join),
                 idempotency: idempotency.clone(),
             };

@@ -37,9 +37,12 @@ pub struct NewUser {
     pub password_hash: String,
     pub attributes: AttributeSet,
     pub plan: Plan,
-    /// The join was decided in the shared index: the transaction refuses it
-    /// ([`StoreError::IndexDirty`]) if the index is marked dirty.
-    pub decided_in_index: bool,
+    /// The join was decided in the shared index, no earlier than this: the
+    /// transaction refuses it if the index is marked dirty
+    /// ([`StoreError::IndexDirty`]), or if a group the index may not have
+    /// shown (unconfirmed, or confirmed since) beats it
+    /// ([`StoreError::Overlap`]: decide again from the store).
+    pub decided_in_index: Option<std::time::Instant>,
     pub idempotency: Option<IdempotencyRecord>,
 }
 

@@ -259,11 +259,51 @@ impl Store for PgStore {
                 configured: self.t.get(),
             });
         }
-        if user.decided_in_index && row.get::<_, bool>(1) {
+        if user.decided_in_index.is_some() && row.get::<_, bool>(1) {
             return Err(StoreError::IndexDirty);
         }
         let (group_id, group_attributes, founded) = match &user.plan {
-            Plan::Join(c) => (c.id, c.attributes.clone(), false),
+            Plan::Join(c) => {
+                if let Some(decided) = user.decided_in_index {
+                    // A committed group is in Redis only once its founder
+                    // (or the keeper, within a second, if the founder was
+                    // killed) added it: one the index did not show may beat
+                    // this join. Those are the unconfirmed groups and the
+                    // ones confirmed since the decision (a second of margin
+                    // for the clocks); usually a handful, through partial
+                    // indexes.
+                    let shared = c.attributes.overlap(&user.attributes) as i64;
+                    let window = decided.elapsed().as_secs_f64() + 1.0;
+                    let beaten = tx
+                        .query_opt(
+                            &tx.prepare_cached(
+                                "SELECT g.id FROM ( \
+                                   SELECT id, attributes FROM groups WHERE NOT indexed \
+                                   UNION ALL \
+                                   SELECT id, attributes FROM groups \
+                                   WHERE indexed_at > now() - make_interval(secs => $3) \
+                                 ) g CROSS JOIN LATERAL ( \
+                                   SELECT count(*) AS m FROM unnest(g.attributes) a WHERE a = ANY($2) \
+                                 ) o \
+                                 WHERE g.id <> $1 AND (o.m > $4 OR (o.m = $4 AND g.id < $1)) \
+                                 LIMIT 1",
+                            )
+                            .await
+                            .map_err(unavailable)?,
+                            &[&c.id.0, &user.attributes.to_strings(), &window, &shared],
+                        )
+                        .await
+                        .map_err(unavailable)?;
+                    if let Some(r) = beaten {
+                        tracing::debug!(
+                            group_id = r.get::<_, i64>(0),
+                            "a group the index did not show beats the join: deciding again"
+                        );
+                        return Err(StoreError::Overlap);
+                    }
+                }
+                (c.id, c.attributes.clone(), false)
+            }
             Plan::Found => {
                 let id: i64 = tx
                     .query_one(
@@ -802,9 +842,11 @@ impl PgStore {
         .await
         .map_err(unavailable)?;
         tx.execute(
-            &tx.prepare_cached("UPDATE groups SET indexed = false WHERE indexed")
-                .await
-                .map_err(unavailable)?,
+            &tx.prepare_cached(
+                "UPDATE groups SET indexed = false, indexed_at = NULL WHERE indexed",
+            )
+            .await
+            .map_err(unavailable)?,
             &[],
         )
         .await
@@ -861,7 +903,10 @@ impl IndexSource for PgStore {
         client
             .execute(
                 &client
-                    .prepare_cached("UPDATE groups SET indexed = true WHERE id = ANY($1)")
+                    .prepare_cached(
+                        "UPDATE groups SET indexed = true, indexed_at = now() \
+                         WHERE id = ANY($1) AND NOT indexed",
+                    )
                     .await
                     .map_err(unavailable)?,
                 &[&ids],
@@ -886,7 +931,8 @@ impl IndexSource for PgStore {
                 &client
                     .prepare_cached(
                         "WITH l AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($2, $3) AS got), \
-                         u AS (UPDATE groups SET indexed = true FROM l WHERE l.got AND groups.id = ANY($1) RETURNING 1) \
+                         u AS (UPDATE groups SET indexed = true, indexed_at = now() FROM l \
+                           WHERE l.got AND groups.id = ANY($1) AND NOT groups.indexed RETURNING 1) \
                          SELECT got FROM l",
                     )
                     .await

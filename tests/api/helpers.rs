@@ -678,7 +678,7 @@ impl Parts {
                 password_hash: "x".into(),
                 attributes: user.clone(),
                 plan: in_db.map_or(Plan::Found, Plan::Join),
-                decided_in_index: false,
+                decided_in_index: None,
                 idempotency: None,
             })
             .await

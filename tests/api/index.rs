@@ -76,7 +76,7 @@ async fn the_subset_table_refuses_an_overlapping_founding_whatever_redis_says() 
             password_hash: "x".into(),
             attributes: b,
             plan: Plan::Found,
-            decided_in_index: false,
+            decided_in_index: None,
             idempotency: None,
         })
         .await;
@@ -151,7 +151,7 @@ async fn a_group_committed_but_never_added_is_added_by_the_unindexed_pass() {
             password_hash: "x".into(),
             attributes: a.clone(),
             plan: Plan::Found,
-            decided_in_index: false,
+            decided_in_index: None,
             idempotency: None,
         })
         .await

@@ -117,7 +117,7 @@ fn reference_memory_redis_script_and_subset_table_assign_identically() {
                             password_hash: "x".into(),
                             attributes: user.clone(),
                             plan: p.map_or(Plan::Found, Plan::Join),
-                            decided_in_index: false,
+                            decided_in_index: None,
                             idempotency: None,
                         })
                         .await

@@ -55,7 +55,7 @@ fn new_user(name: &str, attrs: &AttributeSet, plan: Plan) -> NewUser {
         password_hash: "hash".into(),
         attributes: attrs.clone(),
         plan,
-        decided_in_index: false,
+        decided_in_index: None,
         idempotency: None,
     }
 }
@@ -229,4 +229,76 @@ async fn postgres_store_keeps_the_store_promises() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_store_keeps_the_store_promises() {
     behaves(false).await;
+}
+
+/// A join decided in the shared index commits only if no group the index
+/// may not have shown beats it: an unconfirmed group (its founder's add is
+/// late, or the founder was killed after its commit) or one confirmed since
+/// the decision. Refused, the signup decides again from the store.
+#[tokio::test]
+async fn a_join_decided_in_the_index_yields_to_a_group_the_index_did_not_show() {
+    let place_ = Place::new(true).await;
+    let s = place_.open(3).await;
+    let Place::Pg(db) = &place_ else {
+        unreachable!("postgres")
+    };
+    let c = db.client().await;
+    // The index is clean (a sync recorded it), so joins decided in it may
+    // commit.
+    c.execute("UPDATE deployment SET index_clean = index_dirty", &[])
+        .await
+        .unwrap();
+    // B, confirmed before any decision below.
+    let b = place(s.as_ref(), "bea", &["a", "b", "c"]).await.unwrap();
+    c.execute(
+        "UPDATE groups SET indexed = true, indexed_at = now() - interval '1 hour' WHERE id = $1",
+        &[&b.user.group_id.0],
+    )
+    .await
+    .unwrap();
+    // A, committed, not confirmed: 2 shared with B, 4 with the joiner.
+    let a = place(s.as_ref(), "ada", &["a", "b", "d", "e"])
+        .await
+        .unwrap();
+    assert!(a.founded);
+    let to_b = Plan::Join(Candidate {
+        id: b.user.group_id,
+        attributes: b.group_attributes.clone(),
+    });
+    let decided_in_index = |name: &str, attrs: &[&str], decided| NewUser {
+        decided_in_index: Some(decided),
+        ..new_user(name, &set(attrs), to_b.clone())
+    };
+    let joiner = ["a", "b", "c", "d", "e"];
+    let refused = s
+        .commit_signup(&decided_in_index("joe", &joiner, std::time::Instant::now()))
+        .await;
+    assert!(matches!(refused, Err(StoreError::Overlap)), "{refused:?}");
+    // A join A does not beat (2 shared with A, 3 with B) goes through.
+    let kim = s
+        .commit_signup(&decided_in_index(
+            "kim",
+            &["a", "b", "c", "x"],
+            std::time::Instant::now(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(kim.user.group_id, b.user.group_id);
+    // A confirmed after the decision: the join is refused all the same.
+    let decided = std::time::Instant::now();
+    c.execute(
+        "UPDATE groups SET indexed = true, indexed_at = now() WHERE id = $1",
+        &[&a.user.group_id.0],
+    )
+    .await
+    .unwrap();
+    let refused = s
+        .commit_signup(&decided_in_index("joe", &joiner, decided))
+        .await;
+    assert!(matches!(refused, Err(StoreError::Overlap)), "{refused:?}");
+    // Nothing of the refused joins stayed; decided from the store, joe
+    // joins A.
+    assert_eq!(s.counts().await.unwrap(), (2, 3));
+    let joe = place(s.as_ref(), "joe", &joiner).await.unwrap();
+    assert_eq!(joe.user.group_id, a.user.group_id);
 }
