@@ -419,6 +419,16 @@ async fn an_index_of_the_previous_layout_is_replaced() {
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
+/// The statement failed as a foreign key violation (the triggers of
+/// migrations V6 and V7 raise it).
+fn fk(e: tokio_postgres::Error) {
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{e}"
+    );
+}
+
 /// The subset tables name existing groups only (checked once a statement,
 /// not once a row: migration V6), and a group they name cannot be deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,13 +437,6 @@ async fn the_subset_tables_only_name_existing_groups() {
     let app = spawn_with(backing.clone(), |_| {}).await;
     let ann = app.signup_ok("ann", &["a", "b", "c"]).await;
     let c = backing.db().unwrap().client().await;
-    let fk = |e: tokio_postgres::Error| {
-        assert_eq!(
-            e.code(),
-            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
-            "{e}"
-        );
-    };
     let key = vec![7u8; 16];
     for table in ["group_subsets", "group_subset_overlaps"] {
         let sql = format!("INSERT INTO {table} (threshold, subset, group_id) VALUES (3, $1, $2)");
@@ -479,13 +482,6 @@ async fn users_only_name_existing_groups() {
     let ann = app.signup_ok("ann", &["a", "b", "c"]).await;
     let group = ann["group"]["id"].as_i64().unwrap();
     let c = backing.db().unwrap().client().await;
-    let fk = |e: tokio_postgres::Error| {
-        assert_eq!(
-            e.code(),
-            Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
-            "{e}"
-        );
-    };
     let insert = "INSERT INTO users (username, password_hash, attributes, group_id) \
                   SELECT n, 'x', '{a,b,c}', g FROM unnest($1::text[], $2::bigint[]) AS u(n, g)";
     // One missing group among existing ones fails the whole statement.
