@@ -458,15 +458,12 @@ fn main() {
                     gbuf.push_str(&format!("{}\t{{{}}}\tt\n", id.0, a.to_strings().join(",")));
                     for k in subset_keys(a, threshold()) {
                         let hex: String = k.iter().map(|b| format!("{b:02x}")).collect();
-                        sbuf.push_str(&format!("3\t\\\\x{hex}\t{}\n", id.0));
+                        sbuf.push_str(&format!("{hex}\t{}\n", id.0));
                     }
                 }
                 for (sql, buf) in [
                     ("COPY groups (id, attributes, indexed) FROM STDIN", gbuf),
-                    (
-                        "COPY group_subsets (threshold, subset, group_id) FROM STDIN",
-                        sbuf,
-                    ),
+                    ("COPY subset_owners (subset, group_id) FROM STDIN", sbuf),
                 ] {
                     let sink = pg.copy_in(sql).await.unwrap();
                     let mut sink = Box::pin(sink);
@@ -486,7 +483,7 @@ fn main() {
                 // Groups the founding figures below create take ids far
                 // above the population's, which the next size loads.
                 pg.batch_execute(&format!(
-                    "ANALYZE groups; ANALYZE group_subsets; SELECT setval('group_ids', {})",
+                    "ANALYZE groups; ANALYZE subset_owners; SELECT setval('group_ids', {})",
                     1_000_000_000i64 * (n as i64).ilog10() as i64
                 ))
                 .await

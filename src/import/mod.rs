@@ -19,7 +19,7 @@
 //!    same fingerprint, the line was imported before: *already imported*,
 //!    skipped. Otherwise the name is taken: a reject. *Reads only.*
 //! 2. Open the transaction: the deployment row `FOR KEY SHARE` (the
-//!    threshold), then `LOCK TABLE group_subsets IN SHARE ROW EXCLUSIVE`:
+//!    threshold), then `LOCK TABLE subset_owners IN SHARE ROW EXCLUSIVE`:
 //!    foundings in flight commit first, new ones wait until we end; joins
 //!    go on.
 //! 3. Decide (`place`), in file order: each line against the committed
@@ -108,6 +108,7 @@ use std::time::Instant;
 
 use crate::auth::PasswordHasher;
 use crate::config::{Config, Mode};
+use crate::domain::grouping::SubsetKey;
 use crate::domain::{AttributeSet, GroupId, Threshold};
 use crate::index::IndexError;
 use crate::index::memory::MemoryIndex;
@@ -908,10 +909,7 @@ async fn place_and_commit(
             }
             None => {
                 // Each key once (users alike share many), in index order.
-                let mut keys: Vec<&[u8]> = users
-                    .iter()
-                    .flat_map(|u| u.keys.iter().map(|k| &k[..]))
-                    .collect();
+                let mut keys: Vec<&SubsetKey> = users.iter().flat_map(|u| u.keys.iter()).collect();
                 keys.sort_unstable();
                 keys.dedup();
                 let owners = place::OwnersOf::new(t, session.owners(&keys).await?);

@@ -39,10 +39,6 @@ impl OwnersOf {
         let mut dense: FxHashMap<GroupId, usize> = FxHashMap::default();
         let mut groups = Vec::new();
         for (key, id, attrs) in owners {
-            // Keys are stored 16 bytes long; another length matches no key.
-            let Ok(key) = SubsetKey::try_from(&key[..]) else {
-                continue;
-            };
             let i = *dense.entry(id).or_insert_with(|| {
                 groups.push((id, attrs));
                 groups.len() - 1

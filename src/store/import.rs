@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 
 use super::StoreError;
+use crate::domain::grouping::SubsetKey;
 use crate::domain::{AttributeSet, GroupId, Username};
 
 /// Where one imported user goes, as decided for its batch.
@@ -30,7 +31,7 @@ pub struct ImportUser {
     /// A keyed hash of the line (see `crate::import::line`).
     pub fingerprint: Vec<u8>,
     /// The t-subset keys of `attributes` (`domain::grouping::subset_keys`).
-    pub keys: Vec<crate::domain::grouping::SubsetKey>,
+    pub keys: Vec<SubsetKey>,
     pub placement: ImportPlacement,
 }
 
@@ -51,7 +52,7 @@ pub struct Written {
 }
 
 /// A committed group owning one t-subset key.
-pub type Owner = (Vec<u8>, GroupId, AttributeSet);
+pub type Owner = (SubsetKey, GroupId, AttributeSet);
 
 /// One process importing into Postgres: holds what keeps other importers
 /// and index syncs out for its whole life (the sync advisory lock on a
@@ -67,7 +68,7 @@ pub trait ImportSession: Send {
     /// keeps other processes' foundings out until commit or rollback.
     async fn begin(&mut self) -> Result<(), StoreError>;
     /// Committed groups owning any of `keys`, read in the transaction.
-    async fn owners(&mut self, keys: &[&[u8]]) -> Result<Vec<Owner>, StoreError>;
+    async fn owners(&mut self, keys: &[&SubsetKey]) -> Result<Vec<Owner>, StoreError>;
     /// The committed groups not yet marked as in the index, except those
     /// `known` says the caller has, read in the transaction. While this
     /// session holds the sync lock only it marks groups, so every group
@@ -100,14 +101,12 @@ pub trait ImportSession: Send {
 /// one dirty page for many rows, where random order dirties a page a row).
 pub fn sorted_subsets<'a>(
     founders: impl Iterator<Item = (&'a ImportUser, i64)>,
-) -> Vec<(&'a [u8], i64)> {
-    let mut rows: Vec<(&[u8], i64)> = founders
-        .flat_map(|(u, id)| u.keys.iter().map(move |k| (&k[..], id)))
+) -> Vec<(&'a SubsetKey, i64)> {
+    let mut rows: Vec<(&SubsetKey, i64)> = founders
+        .flat_map(|(u, id)| u.keys.iter().map(move |k| (k, id)))
         .collect();
     // As big-endian integers, which order as the bytes do (the stores
     // compare keys bytewise), without a memcmp call per comparison.
-    rows.sort_unstable_by_key(|&(k, _)| {
-        u128::from_be_bytes(k.try_into().expect("subset keys are 16 bytes"))
-    });
+    rows.sort_unstable_by_key(|&(k, _)| u128::from_be_bytes(*k));
     rows
 }

@@ -1,5 +1,5 @@
 //! The Postgres store: the system of record in distributed mode, and the
-//! arbiter of the grouping rule (its `group_subsets` primary key; see
+//! arbiter of the grouping rule (its `subset_owners` primary key; see
 //! `crate::signup` for the protocol).
 
 use std::time::Duration;
@@ -50,6 +50,16 @@ impl From<StoreError> for IndexError {
     fn from(e: StoreError) -> Self {
         IndexError::Unavailable(e.to_string())
     }
+}
+
+/// The arbiter's key (migration V9): a founding that meets it overlaps a
+/// group committed first.
+const SUBSET_KEY: &str = "subset_owners_pkey";
+
+/// Subset keys as the `uuid`s the subset tables hold them as (16 bytes,
+/// ordered as the bytes are).
+fn subset_uuids(keys: &[crate::domain::grouping::SubsetKey]) -> Vec<uuid::Uuid> {
+    keys.iter().map(|k| uuid::Uuid::from_bytes(*k)).collect()
 }
 
 fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
@@ -128,16 +138,35 @@ impl PgStore {
             )
             .await
             .map_err(|e| format!("cannot take the migration lock: {e}"))?;
+        // A migration may copy a big table (V9): the pool's 10 s statement
+        // timeout is for requests. The lock timeout stays, so a migration
+        // stuck behind a long transaction fails instead of queueing every
+        // request behind its lock.
+        client
+            .batch_execute("SET statement_timeout = 0")
+            .await
+            .map_err(|e| format!("cannot lift the statement timeout: {e}"))?;
         let result = embedded::migrations::runner()
             .run_async(&mut **client)
             .await;
+        let reset = client.batch_execute("RESET statement_timeout").await;
         let unlock = client
             .execute(
                 "SELECT pg_advisory_unlock($1, $2)",
                 &[&LOCK_CLASS, &MIGRATE_LOCK],
             )
             .await;
-        let report = result.map_err(|e| format!("migration failed: {e}"))?;
+        let report = result.map_err(|e| {
+            // refinery's message stops at "db error": say what Postgres said.
+            let mut msg = format!("migration failed: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            msg
+        })?;
+        reset.map_err(|e| format!("cannot restore the statement timeout: {e}"))?;
         unlock.map_err(|e| format!("cannot release the migration lock: {e}"))?;
         Ok(report.applied_migrations().len())
     }
@@ -216,14 +245,18 @@ impl Store for PgStore {
     async fn best_group(&self, attrs: &AttributeSet) -> Result<Option<Candidate>, StoreError> {
         let _timing = self.timer.start("best_group");
         let client = self.client().await?;
-        let keys = subset_keys(attrs, self.t);
-        let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+        let keys = subset_uuids(&subset_keys(attrs, self.t));
         let rows = client
             .query(
-                &client.prepare_cached("SELECT id, attributes FROM groups WHERE id IN ( \
-                   SELECT group_id FROM group_subsets WHERE threshold = $1 AND subset = ANY($2) \
-                   UNION SELECT group_id FROM group_subset_overlaps WHERE threshold = $1 AND subset = ANY($2))").await.map_err(unavailable)?,
-                &[&(self.t.get() as i16), &keys],
+                &client
+                    .prepare_cached(
+                        "SELECT id, attributes FROM groups WHERE id IN ( \
+                   SELECT group_id FROM subset_owners WHERE subset = ANY($1) \
+                   UNION SELECT group_id FROM subset_overlaps WHERE subset = ANY($1))",
+                    )
+                    .await
+                    .map_err(unavailable)?,
+                &[&keys],
             )
             .await
             .map_err(unavailable)?;
@@ -317,23 +350,16 @@ impl Store for PgStore {
                 // then fails if it committed: it overlaps us.
                 tx.execute(
                     &tx.prepare_cached(
-                        "INSERT INTO group_subsets (threshold, subset, group_id) \
-                     SELECT $1, unnest($2::bytea[]), $3",
+                        "INSERT INTO subset_owners (subset, group_id) \
+                     SELECT unnest($1::uuid[]), $2",
                     )
                     .await
                     .map_err(unavailable)?,
-                    &[
-                        &(self.t.get() as i16),
-                        &subset_keys(&user.attributes, self.t)
-                            .iter()
-                            .map(|k| &k[..])
-                            .collect::<Vec<&[u8]>>(),
-                        &id,
-                    ],
+                    &[&subset_uuids(&subset_keys(&user.attributes, self.t)), &id],
                 )
                 .await
                 .map_err(|e| {
-                    if is_unique_violation(&e, "group_subsets_pkey") {
+                    if is_unique_violation(&e, SUBSET_KEY) {
                         StoreError::Overlap
                     } else {
                         unavailable(e)
@@ -733,7 +759,7 @@ impl Store for PgStore {
 /// Writes the t-subsets of every group (in id order) for threshold `t`,
 /// inside the caller's transaction. The first owner of a subset takes the
 /// primary key; later owners (groups that overlap under `t`, possible only
-/// after a threshold was lowered) go to `group_subset_overlaps`.
+/// after a threshold was lowered) go to `subset_overlaps`.
 async fn backfill_subsets(
     tx: &deadpool_postgres::Transaction<'_>,
     t: Threshold,
@@ -756,34 +782,34 @@ async fn backfill_subsets(
             return Ok(n);
         };
         after = last.get(0);
-        let mut subsets: Vec<Vec<u8>> = Vec::new();
+        let mut subsets: Vec<uuid::Uuid> = Vec::new();
         let mut owners: Vec<i64> = Vec::new();
         for r in &rows {
             let id: i64 = r.get(0);
             let attrs = attrs_from_row(r.get(1))?;
             for k in subset_keys(&attrs, t) {
-                subsets.push(k.to_vec());
+                subsets.push(uuid::Uuid::from_bytes(k));
                 owners.push(id);
             }
         }
         let inserted = tx
             .query(
                 &tx.prepare_cached(
-                    "INSERT INTO group_subsets (threshold, subset, group_id) \
-                 SELECT $1, s, g FROM unnest($2::bytea[], $3::bigint[]) AS u(s, g) ORDER BY g \
+                    "INSERT INTO subset_owners (subset, group_id) \
+                 SELECT s, g FROM unnest($1::uuid[], $2::bigint[]) AS u(s, g) ORDER BY g \
                  ON CONFLICT DO NOTHING RETURNING subset, group_id",
                 )
                 .await
                 .map_err(unavailable)?,
-                &[&(t.get() as i16), &subsets, &owners],
+                &[&subsets, &owners],
             )
             .await
             .map_err(unavailable)?;
-        let taken: std::collections::HashSet<(Vec<u8>, i64)> =
+        let taken: std::collections::HashSet<(uuid::Uuid, i64)> =
             inserted.iter().map(|r| (r.get(0), r.get(1))).collect();
         let (mut os, mut og) = (Vec::new(), Vec::new());
         for (s, g) in subsets.into_iter().zip(owners) {
-            if !taken.contains(&(s.clone(), g)) {
+            if !taken.contains(&(s, g)) {
                 os.push(s);
                 og.push(g);
             }
@@ -791,13 +817,13 @@ async fn backfill_subsets(
         if !os.is_empty() {
             tx.execute(
                 &tx.prepare_cached(
-                    "INSERT INTO group_subset_overlaps (threshold, subset, group_id) \
-                 SELECT $1, s, g FROM unnest($2::bytea[], $3::bigint[]) AS u(s, g) \
+                    "INSERT INTO subset_overlaps (subset, group_id) \
+                 SELECT s, g FROM unnest($1::uuid[], $2::bigint[]) AS u(s, g) \
                  ON CONFLICT DO NOTHING",
                 )
                 .await
                 .map_err(unavailable)?,
-                &[&(t.get() as i16), &os, &og],
+                &[&os, &og],
             )
             .await
             .map_err(unavailable)?;
@@ -826,7 +852,7 @@ impl PgStore {
             .map_err(unavailable)?
             .map(|r| r.get(0))
             .unwrap_or(0);
-        tx.batch_execute("DELETE FROM group_subsets; DELETE FROM group_subset_overlaps;")
+        tx.batch_execute("DELETE FROM subset_owners; DELETE FROM subset_overlaps;")
             .await
             .map_err(unavailable)?;
         let n = backfill_subsets(&tx, t).await?;

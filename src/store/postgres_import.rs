@@ -9,7 +9,10 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 
-use super::{LOCK_CLASS, PgStore, SYNC_LOCK, attrs_from_row, is_unique_violation, unavailable};
+use super::{
+    LOCK_CLASS, PgStore, SUBSET_KEY, SYNC_LOCK, attrs_from_row, is_unique_violation, unavailable,
+};
+use crate::domain::grouping::SubsetKey;
 use crate::domain::{AttributeSet, GroupId};
 use crate::store::StoreError;
 use crate::store::import::{
@@ -117,39 +120,47 @@ impl ImportSession for PgImportSession {
                 configured: self.t as usize,
             });
         }
-        // Foundings insert into group_subsets (ROW EXCLUSIVE): this waits for
+        // Foundings insert into subset_owners (ROW EXCLUSIVE): this waits for
         // those in flight to commit, and keeps new ones out until we end.
         // Joins do not touch the table and go on.
         self.client
-            .batch_execute("LOCK TABLE group_subsets IN SHARE ROW EXCLUSIVE MODE")
+            .batch_execute("LOCK TABLE subset_owners IN SHARE ROW EXCLUSIVE MODE")
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
-    async fn owners(&mut self, keys: &[&[u8]]) -> Result<Vec<Owner>, StoreError> {
+    async fn owners(&mut self, keys: &[&SubsetKey]) -> Result<Vec<Owner>, StoreError> {
+        let keys: Vec<uuid::Uuid> = keys.iter().map(|k| uuid::Uuid::from_bytes(**k)).collect();
         let rows = self
             .client
             .query(
                 // One index probe a key, in key order (the caller sorts
-                // them): `subset = ANY($2)` with a million keys was planned
+                // them): `subset = ANY($1)` with a million keys was planned
                 // as a scan of the whole table with a hashed filter, a cost
                 // that grows with the table at every batch. `OFFSET 0`
                 // keeps the lateral subquery a subquery, probed per key.
                 "SELECT s.subset, g.id, g.attributes \
-                 FROM unnest($2::bytea[]) AS k(subset) \
+                 FROM unnest($1::uuid[]) AS k(subset) \
                  CROSS JOIN LATERAL ( \
-                   SELECT subset, group_id FROM group_subsets WHERE threshold = $1 AND subset = k.subset \
+                   SELECT subset, group_id FROM subset_owners WHERE subset = k.subset \
                    UNION ALL \
-                   SELECT subset, group_id FROM group_subset_overlaps WHERE threshold = $1 AND subset = k.subset \
+                   SELECT subset, group_id FROM subset_overlaps WHERE subset = k.subset \
                    OFFSET 0 \
                  ) AS s JOIN groups g ON g.id = s.group_id",
-                &[&self.t, &keys],
+                &[&keys],
             )
             .await
             .map_err(unavailable)?;
         rows.into_iter()
-            .map(|r| Ok((r.get(0), GroupId(r.get(1)), attrs_from_row(r.get(2))?)))
+            .map(|r| {
+                let subset: uuid::Uuid = r.get(0);
+                Ok((
+                    subset.into_bytes(),
+                    GroupId(r.get(1)),
+                    attrs_from_row(r.get(2))?,
+                ))
+            })
             .collect()
     }
 
@@ -219,18 +230,19 @@ impl ImportSession for PgImportSession {
             groups_done = clock.elapsed();
             // In key order: each primary-key leaf page is dirtied (and
             // WAL-logged) once for its rows of the batch, not once a row.
-            let (subsets, owners): (Vec<&[u8]>, Vec<i64>) =
+            let (subsets, owners): (Vec<uuid::Uuid>, Vec<i64>) =
                 sorted_subsets(founders.iter().copied().zip(ids.iter().copied()))
                     .into_iter()
+                    .map(|(k, g)| (uuid::Uuid::from_bytes(*k), g))
                     .unzip();
             c.execute(
-                "INSERT INTO group_subsets (threshold, subset, group_id) \
-                 SELECT $1, s, g FROM unnest($2::bytea[], $3::bigint[]) AS u(s, g)",
-                &[&self.t, &subsets, &owners],
+                "INSERT INTO subset_owners (subset, group_id) \
+                 SELECT s, g FROM unnest($1::uuid[], $2::bigint[]) AS u(s, g)",
+                &[&subsets, &owners],
             )
             .await
             .map_err(|e| {
-                if is_unique_violation(&e, "group_subsets_pkey") {
+                if is_unique_violation(&e, SUBSET_KEY) {
                     StoreError::Overlap
                 } else {
                     unavailable(e)

@@ -711,9 +711,9 @@ pub async fn assert_subset_table_complete(backing: &Backing, t: usize) {
                 .collect();
             let rows = c
                 .query(
-                    "SELECT subset, group_id FROM group_subsets WHERE threshold = $1 \
-                     UNION ALL SELECT subset, group_id FROM group_subset_overlaps WHERE threshold = $1",
-                    &[&(t as i16)],
+                    "SELECT uuid_send(subset), group_id FROM subset_owners \
+                     UNION ALL SELECT uuid_send(subset), group_id FROM subset_overlaps",
+                    &[],
                 )
                 .await
                 .unwrap()

@@ -430,16 +430,17 @@ fn fk(e: tokio_postgres::Error) {
 }
 
 /// The subset tables name existing groups only (checked once a statement,
-/// not once a row: migration V6), and a group they name cannot be deleted.
+/// not once a row: migrations V6 and V9), and a group they name cannot be
+/// deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subset_tables_only_name_existing_groups() {
     let backing = Backing::new(Mode::Distributed).await;
     let app = spawn_with(backing.clone(), |_| {}).await;
     let ann = app.signup_ok("ann", &["a", "b", "c"]).await;
     let c = backing.db().unwrap().client().await;
-    let key = vec![7u8; 16];
-    for table in ["group_subsets", "group_subset_overlaps"] {
-        let sql = format!("INSERT INTO {table} (threshold, subset, group_id) VALUES (3, $1, $2)");
+    let key = "07070707-0707-0707-0707-070707070707";
+    for table in ["subset_owners", "subset_overlaps"] {
+        let sql = format!("INSERT INTO {table} (subset, group_id) VALUES ($1::text::uuid, $2)");
         fk(c.execute(&sql, &[&key, &424_242i64]).await.unwrap_err());
         let sql = format!("UPDATE {table} SET group_id = 424242");
         fk(c.execute(&sql, &[]).await.unwrap_err());
@@ -452,7 +453,7 @@ async fn the_subset_tables_only_name_existing_groups() {
     .await
     .unwrap();
     c.execute(
-        "INSERT INTO group_subsets (threshold, subset, group_id) VALUES (3, $1, 424242)",
+        "INSERT INTO subset_owners (subset, group_id) VALUES ($1::text::uuid, 424242)",
         &[&key],
     )
     .await
@@ -463,13 +464,80 @@ async fn the_subset_tables_only_name_existing_groups() {
     // Nothing of it changed the real group.
     let count: i64 = c
         .query_one(
-            "SELECT count(*) FROM group_subsets WHERE group_id = $1",
+            "SELECT count(*) FROM subset_owners WHERE group_id = $1",
             &[&ann["group"]["id"].as_i64().unwrap()],
         )
         .await
         .unwrap()
         .get(0);
     assert_eq!(count, 1);
+}
+
+/// A replica of the version before V9 writes the subset rows of a founding
+/// into the old tables (`threshold`, `subset` as bytes): each row lands in
+/// the new ones instead, under the same key the new replicas write, so a
+/// founding of either version that overlaps one of the other is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_the_previous_version_is_arbitrated_by_the_same_key() {
+    let backing = Backing::new(Mode::Distributed).await;
+    let app = spawn_with(backing.clone(), |_| {}).await;
+    app.signup_ok("ann", &["a", "b", "c"]).await;
+    let c = backing.db().unwrap().client().await;
+    let t = cohort::domain::Threshold::new(3, 16).unwrap();
+    let key = |attrs: &[&str]| {
+        let set = cohort::domain::AttributeSet::from_stored(
+            &attrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        cohort::domain::grouping::subset_keys(&set, t)[0].to_vec()
+    };
+    // The old version's founding, for a group overlapping ann's: refused.
+    let old_founding = "INSERT INTO group_subsets (threshold, subset, group_id) \
+                        SELECT $1, unnest($2::bytea[]), $3";
+    c.batch_execute("BEGIN; INSERT INTO groups (id, attributes) VALUES (424242, '{a,b,c,d}')")
+        .await
+        .unwrap();
+    let e = c
+        .execute(
+            old_founding,
+            &[&3i16, &vec![key(&["a", "b", "c"])], &424_242i64],
+        )
+        .await
+        .unwrap_err();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        e.as_db_error().and_then(|d| d.constraint()),
+        Some("subset_owners_pkey"),
+        "{e}"
+    );
+    // One that overlaps nothing is kept, in the new table only, under the
+    // same 16 bytes.
+    let fresh = key(&["x", "y", "z"]);
+    c.batch_execute("BEGIN; INSERT INTO groups (id, attributes) VALUES (424243, '{x,y,z}')")
+        .await
+        .unwrap();
+    c.execute(old_founding, &[&3i16, &vec![fresh.clone()], &424_243i64])
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    let owner: i64 = c
+        .query_one(
+            "SELECT group_id FROM subset_owners WHERE uuid_send(subset) = $1",
+            &[&fresh],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, 424_243);
+    let old_rows: i64 = c
+        .query_one("SELECT count(*) FROM group_subsets", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(old_rows, 0);
+    // And the new version's founding of x, y, z now meets it.
+    let joe = app.signup_ok("joe", &["x", "y", "z"]).await;
+    assert_eq!(joe["group"]["id"].as_i64(), Some(424_243), "{joe}");
 }
 
 /// Users and the member counters name existing groups only (checked once a

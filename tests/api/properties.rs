@@ -70,7 +70,7 @@ fn reference_memory_redis_script_and_subset_table_assign_identically() {
                 db.client()
                     .await
                     .batch_execute(
-                        "TRUNCATE idempotency_keys, users, group_member_counts, group_subsets, group_subset_overlaps, \
+                        "TRUNCATE idempotency_keys, users, group_member_counts, subset_owners, subset_overlaps, \
                          groups, deployment RESTART IDENTITY; ALTER SEQUENCE group_ids RESTART",
                     )
                     .await
