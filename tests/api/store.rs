@@ -302,3 +302,60 @@ async fn a_join_decided_in_the_index_yields_to_a_group_the_index_did_not_show() 
     let joe = place(s.as_ref(), "joe", &joiner).await.unwrap();
     assert_eq!(joe.user.group_id, a.user.group_id);
 }
+
+/// A replica older than V8 confirms a group with `indexed = true` alone:
+/// `indexed_at` is set for it (V10), so a join decided in Redis before that
+/// confirmation still yields to the group at its commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_confirmed_by_an_older_replica_still_beats_a_join_decided_before() {
+    let place_ = Place::new(true).await;
+    let s = place_.open(3).await;
+    let Place::Pg(db) = &place_ else {
+        unreachable!("postgres")
+    };
+    let c = db.client().await;
+    c.execute("UPDATE deployment SET index_clean = index_dirty", &[])
+        .await
+        .unwrap();
+    let b = place(s.as_ref(), "bea", &["a", "b", "c"]).await.unwrap();
+    c.execute(
+        "UPDATE groups SET indexed = true, indexed_at = now() - interval '1 hour' WHERE id = $1",
+        &[&b.user.group_id.0],
+    )
+    .await
+    .unwrap();
+    let a = place(s.as_ref(), "ada", &["a", "b", "d", "e"])
+        .await
+        .unwrap();
+    let decided = std::time::Instant::now();
+    // The older replica's confirmation statement, over both groups.
+    c.execute(
+        "UPDATE groups SET indexed = true WHERE id = ANY($1)",
+        &[&vec![a.user.group_id.0, b.user.group_id.0]],
+    )
+    .await
+    .unwrap();
+    let joe = NewUser {
+        decided_in_index: Some(decided),
+        ..new_user(
+            "joe",
+            &set(&["a", "b", "c", "d", "e"]),
+            Plan::Join(Candidate {
+                id: b.user.group_id,
+                attributes: b.group_attributes.clone(),
+            }),
+        )
+    };
+    let refused = s.commit_signup(&joe).await;
+    assert!(matches!(refused, Err(StoreError::Overlap)), "{refused:?}");
+    // A group confirmed before keeps its time: B's is not moved.
+    let b_recent: bool = c
+        .query_one(
+            "SELECT indexed_at > now() - interval '1 minute' FROM groups WHERE id = $1",
+            &[&b.user.group_id.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!b_recent);
+}
