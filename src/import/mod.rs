@@ -887,9 +887,9 @@ async fn place_and_commit(
     let clock = Instant::now();
     session.begin().await?;
     let outcome = async {
-        // The committed groups the batch joins that may be missing from
-        // Redis, for step 5 (`unconfirmed`).
-        let joined = match known {
+        // Decide against every group held in memory, or against the owners
+        // of the batch's keys read from Postgres.
+        let owners = match known.as_mut() {
             Some(index) => {
                 // The groups others committed since the last batch: only
                 // this session marks groups while it lives, so they are
@@ -899,13 +899,7 @@ async fn place_and_commit(
                     index.add_now(id, attrs);
                 }
                 decide_into(t, index.as_ref(), users);
-                session
-                    .unconfirmed(&joined_ids(users))
-                    .await?
-                    .into_iter()
-                    .filter(|g| publishing_founded.binary_search(g).is_err())
-                    .filter_map(|g| index.attributes_of(g).map(|a| (g, a)))
-                    .collect::<Vec<_>>()
+                None
             }
             None => {
                 // Each key once (users alike share many), in index order.
@@ -914,15 +908,25 @@ async fn place_and_commit(
                 keys.dedup();
                 let owners = place::OwnersOf::new(t, session.owners(&keys).await?);
                 decide_into(t, &owners, users);
-                session
-                    .unconfirmed(&joined_ids(users))
-                    .await?
-                    .into_iter()
-                    .filter(|g| publishing_founded.binary_search(g).is_err())
-                    .filter_map(|g| owners.group(g).map(|a| (g, a.clone())))
-                    .collect::<Vec<_>>()
+                Some(owners)
             }
         };
+        // The committed groups the batch joins that may be missing from
+        // Redis, for step 5 (`unconfirmed`), with their attributes from
+        // wherever the batch decided.
+        let joined = session
+            .unconfirmed(&joined_ids(users))
+            .await?
+            .into_iter()
+            .filter(|g| publishing_founded.binary_search(g).is_err())
+            .filter_map(|g| {
+                let attrs = match (&owners, known.as_ref()) {
+                    (Some(owners), _) => owners.group(g).cloned(),
+                    (None, index) => index.and_then(|i| i.attributes_of(g)),
+                };
+                attrs.map(|a| (g, a))
+            })
+            .collect::<Vec<_>>();
         let decided = clock.elapsed();
         crate::failpoint::hit("import:decided");
         let written = session.write(users).await?;
