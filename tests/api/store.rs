@@ -231,6 +231,28 @@ async fn sqlite_store_keeps_the_store_promises() {
     behaves(false).await;
 }
 
+/// The index clean (a sync recorded it, so joins decided in it may
+/// commit), then B (a, b, c) confirmed an hour before any decision, and A
+/// (a, b, d, e) committed but not confirmed: 2 shared with B, 4 with a
+/// joiner of a, b, c, d, e.
+async fn confirmed_b_and_unconfirmed_a(
+    c: &tokio_postgres::Client,
+    s: &dyn Store,
+) -> (Committed, Committed) {
+    c.execute("UPDATE deployment SET index_clean = index_dirty", &[])
+        .await
+        .unwrap();
+    let b = place(s, "bea", &["a", "b", "c"]).await.unwrap();
+    c.execute(
+        "UPDATE groups SET indexed = true, indexed_at = now() - interval '1 hour' WHERE id = $1",
+        &[&b.user.group_id.0],
+    )
+    .await
+    .unwrap();
+    let a = place(s, "ada", &["a", "b", "d", "e"]).await.unwrap();
+    (b, a)
+}
+
 /// A join decided in the shared index commits only if no group the index
 /// may not have shown beats it: an unconfirmed group (its founder's add is
 /// late, or the founder was killed after its commit) or one confirmed since
@@ -243,23 +265,7 @@ async fn a_join_decided_in_the_index_yields_to_a_group_the_index_did_not_show() 
         unreachable!("postgres")
     };
     let c = db.client().await;
-    // The index is clean (a sync recorded it), so joins decided in it may
-    // commit.
-    c.execute("UPDATE deployment SET index_clean = index_dirty", &[])
-        .await
-        .unwrap();
-    // B, confirmed before any decision below.
-    let b = place(s.as_ref(), "bea", &["a", "b", "c"]).await.unwrap();
-    c.execute(
-        "UPDATE groups SET indexed = true, indexed_at = now() - interval '1 hour' WHERE id = $1",
-        &[&b.user.group_id.0],
-    )
-    .await
-    .unwrap();
-    // A, committed, not confirmed: 2 shared with B, 4 with the joiner.
-    let a = place(s.as_ref(), "ada", &["a", "b", "d", "e"])
-        .await
-        .unwrap();
+    let (b, a) = confirmed_b_and_unconfirmed_a(&c, s.as_ref()).await;
     assert!(a.founded);
     let to_b = Plan::Join(Candidate {
         id: b.user.group_id,
@@ -314,19 +320,7 @@ async fn a_group_confirmed_by_an_older_replica_still_beats_a_join_decided_before
         unreachable!("postgres")
     };
     let c = db.client().await;
-    c.execute("UPDATE deployment SET index_clean = index_dirty", &[])
-        .await
-        .unwrap();
-    let b = place(s.as_ref(), "bea", &["a", "b", "c"]).await.unwrap();
-    c.execute(
-        "UPDATE groups SET indexed = true, indexed_at = now() - interval '1 hour' WHERE id = $1",
-        &[&b.user.group_id.0],
-    )
-    .await
-    .unwrap();
-    let a = place(s.as_ref(), "ada", &["a", "b", "d", "e"])
-        .await
-        .unwrap();
+    let (b, a) = confirmed_b_and_unconfirmed_a(&c, s.as_ref()).await;
     let decided = std::time::Instant::now();
     // The older replica's confirmation statement, over both groups.
     c.execute(
